@@ -1,0 +1,1 @@
+"""Measurement: overhead, the reference approach, calibration, the zoo."""

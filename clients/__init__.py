@@ -1,0 +1,1 @@
+"""What talks to an endpoint: SDK helpers and the offline attack harness."""

@@ -1,0 +1,86 @@
+"""How a defended vLLM engine is configured: one place for every launcher.
+
+The defense processor is registered under vLLM's ``vllm.logits_processors``
+entry-point group, so every engine in this environment loads it by itself. It
+stays inert unless the engine's ``additional_config`` carries a ``distillgame``
+section, which this module builds. The processor must never also be passed via
+``logits_processors=`` (vLLM would apply it twice), so nothing here does.
+
+Not for: serving or HTTP (see ``distillgame.server``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from distillgame import models
+
+
+def prepare_environment() -> None:
+    """Select the model runner whose logits-processor interface we implement.
+
+    vLLM 0.32 defaults to Model Runner V2 on GPUs, which has a different
+    processor interface; the V1 runner (the CPU default) is the tested path.
+    """
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+@dataclass
+class EngineConfig:
+    """Engine-wide settings for a defended engine (teacher + proxy)."""
+
+    teacher: str | None = None
+    proxy: str | None = None
+    ads_grad: str | None = None
+    dtype: str = "auto"
+    proxy_dtype: str | None = None
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    memory_share: float = 0.3
+    enforce_eager: bool = True
+    seed: int = 0
+    num_gpu_blocks_override: int | None = None
+    disable_log_stats: bool = True
+    fault_file: str | None = None
+    extra_defense: dict[str, Any] = field(default_factory=dict)
+
+    def defense_section(self) -> dict[str, Any]:
+        section: dict[str, Any] = {"proxy": models.resolve(self.proxy, "proxy")}
+        if self.proxy_dtype:
+            section["dtype"] = self.proxy_dtype
+        if self.ads_grad:
+            section["ads_grad"] = self.ads_grad
+        if self.fault_file:
+            section["fault_file"] = self.fault_file
+        section.update(self.extra_defense)
+        return section
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` or ``vllm.AsyncEngineArgs``."""
+        kwargs: dict[str, Any] = dict(
+            model=models.resolve(self.teacher, "teacher"),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            gpu_memory_utilization=self.memory_share,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            # Returned logprobs must describe the released (defended)
+            # distribution; vLLM's default reports the raw teacher's.
+            logprobs_mode="processed_logprobs",
+            additional_config={"distillgame": self.defense_section()},
+            disable_log_stats=self.disable_log_stats,
+        )
+        if self.num_gpu_blocks_override is not None:
+            kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
+        return kwargs
+
+
+def build_llm(config: EngineConfig):
+    """A synchronous ``vllm.LLM`` with the defense (call under ``if __name__ == "__main__"``)."""
+    prepare_environment()
+    from vllm import LLM
+
+    return LLM(**config.engine_kwargs())
