@@ -72,6 +72,8 @@ class EngineConfig:
             logprobs_mode="processed_logprobs",
             additional_config={"distillgame": self.defense_section()},
             disable_log_stats=self.disable_log_stats,
+            # Lets the server read the processor's fidelity counters by name.
+            worker_extension_cls="distillgame.plugins.processor.DefenseWorkerExtension",
         )
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override

@@ -1,0 +1,121 @@
+"""The defenses' per-token math, shared by the engine processor and the oracle.
+
+Pure tensor functions, no model and no engine: the processor calls them in
+float32 on the engine's device, the reference oracle in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MODES = ("none", "poe", "ads")
+MODE_INDEX = {name: i for i, name in enumerate(MODES)}
+EXTRA_ARGS_KEY = "distillgame"
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One request's defense, as carried in ``SamplingParams.extra_args["distillgame"]``."""
+
+    mode: str = "none"
+    gamma: float = 0.0  # PoE weight on the proxy (eq. 5)
+    lam: float = 0.0  # ADS tilt strength
+    eps: float = 1e-4  # ADS finite-difference step
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.mode == "poe":
+            return {"mode": "poe", "gamma": self.gamma}
+        if self.mode == "ads":
+            return {"mode": "ads", "lam": self.lam, "eps": self.eps}
+        return {"mode": "none"}
+
+
+def _number(section: dict[str, Any], key: str) -> float:
+    value = section.get(key)
+    # bool is an int subclass; True as a gamma is a caller bug, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"distillgame.{key} must be a number, got {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"distillgame.{key} must be finite, got {value!r}")
+    return value
+
+
+def parse_defense(extra_args: dict[str, Any] | None) -> Defense:
+    """Validate and parse a request's defense; raise ``ValueError`` naming the bad parameter."""
+    if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+        return Defense()
+    section = extra_args[EXTRA_ARGS_KEY]
+    if section is None:
+        return Defense()
+    if not isinstance(section, dict):
+        raise ValueError(f"distillgame must be an object, got {type(section).__name__}")
+    mode = section.get("mode", "none")
+    if mode not in MODES:
+        raise ValueError(f"distillgame.mode must be one of {list(MODES)}, got {mode!r}")
+    allowed = {"none": {"mode"}, "poe": {"mode", "gamma"}, "ads": {"mode", "lam", "eps"}}[mode]
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"distillgame.{unknown[0]} is not a parameter of mode {mode!r}")
+    if mode == "poe":
+        gamma = _number(section, "gamma")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"distillgame.gamma must be in [0, 1], got {gamma}")
+        return Defense("poe", gamma=gamma)
+    if mode == "ads":
+        lam = _number(section, "lam")
+        if lam < 0.0:
+            raise ValueError(f"distillgame.lam must be >= 0, got {lam}")
+        eps = _number(section, "eps") if "eps" in section else 1e-4
+        if eps <= 0.0:
+            raise ValueError(f"distillgame.eps must be > 0, got {eps}")
+        return Defense("ads", lam=lam, eps=eps)
+    return Defense()
+
+
+def poe_mix(teacher_logprobs: torch.Tensor, proxy_logprobs: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 at token level: ``(1-gamma)*log p_teacher + gamma*log p_proxy`` (unnormalized).
+
+    ``gamma`` broadcasts against the rows (shape ``[rows, 1]`` or a scalar).
+    Where a log-probability is -inf and its weight is 0, the product is 0, not NaN.
+    """
+    t = torch.where(gamma < 1.0, (1.0 - gamma) * teacher_logprobs, torch.zeros_like(teacher_logprobs))
+    p = torch.where(gamma > 0.0, gamma * proxy_logprobs, torch.zeros_like(proxy_logprobs))
+    return t + p
+
+
+def ads_tilt(
+    teacher_logprobs: torch.Tensor,
+    proxy_plus_logprobs: torch.Tensor,
+    proxy_minus_logprobs: torch.Tensor,
+    lam: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """ADS by central finite difference (sign as in the public reference code).
+
+    ``teacher + lam/(2*eps) * (log p_proxy(theta+eps*g) - log p_proxy(theta-eps*g))``:
+    the bracket approximates ``2*eps * <g, grad_theta log p_proxy(token)>``, so
+    tokens whose likelihood gradient points along ``g`` (learning them would
+    raise the downstream loss) gain mass and those that would lower it lose it.
+    """
+    diff = proxy_plus_logprobs - proxy_minus_logprobs
+    # -inf - -inf is NaN for tokens both copies rule out; they stay ruled out.
+    diff = torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0)
+    return teacher_logprobs + (lam / (2.0 * eps)) * diff
+
+
+def kl_and_agreement(released_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: KL(released || teacher) at temperature 1 (eq. 1) and argmax agreement."""
+    released = torch.log_softmax(released_logits, dim=-1)
+    q = released.exp()
+    terms = torch.where(q > 0, q * (released - teacher_logprobs), torch.zeros_like(q))
+    kl = terms.sum(dim=-1).clamp_min(0.0)
+    agree = released_logits.argmax(dim=-1) == teacher_logprobs.argmax(dim=-1)
+    return kl, agree

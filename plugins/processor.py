@@ -1,0 +1,374 @@
+"""The defense as a vLLM logits processor (V1 model runner interface).
+
+Registered under the ``vllm.logits_processors`` entry-point group, so every
+vLLM engine in the environment constructs it. It stays inert (loads nothing,
+touches no row) unless the engine's ``additional_config`` has a
+``distillgame`` section::
+
+    {"distillgame": {"proxy": "<folder or HF id>", "dtype": "float32",
+                     "ads_grad": "<file.safetensors>", "fault_file": "<path>"}}
+
+Per request, ``SamplingParams.extra_args["distillgame"]`` picks the defense:
+``{"mode": "poe", "gamma": g}`` (eq. 5), ``{"mode": "ads", "lam": l, "eps": e}``
+or ``{"mode": "none"}``. The processor rewrites defended rows before
+temperature/top-p/top-k, which vLLM then applies as usual.
+
+Per step, the proxy's work is one batched forward per proxy model (the proxy,
+and for ADS its two perturbed copies), driven by :class:`ProxyRunner`.
+Failures are not caught: an exception here aborts the engine step, so no token
+is ever sampled from an undefended row (fail closed).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from distillgame.plugins.mixing import (
+    EXTRA_ARGS_KEY,
+    MODE_INDEX,
+    MODES,
+    Defense,
+    ads_tilt,
+    kl_and_agreement,
+    parse_defense,
+    poe_mix,
+)
+from distillgame.plugins.proxy_runner import ProxyRunner
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+# Name of the worker method (see DefenseWorkerExtension) that returns fidelity.
+fidelity_rpc = "distillgame_fidelity"
+
+_LIVE: "weakref.WeakSet[DefenseLogitsProcessor]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DefenseSettings:
+    """Engine-wide settings from ``additional_config["distillgame"]``."""
+
+    proxy: str
+    dtype: str | None = None
+    ads_grad: str | None = None
+    fault_file: str | None = None
+    ads_max_eps: int = 4
+    initial_cache_len: int = 128
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> "DefenseSettings":
+        if not isinstance(section, dict) or not section.get("proxy"):
+            raise ValueError("additional_config['distillgame'] must be an object with a 'proxy' folder or id")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown additional_config['distillgame'] keys: {unknown}; known: {sorted(known)}")
+        if section.get("dtype") not in (None, *_DTYPES):
+            raise ValueError(f"additional_config['distillgame']['dtype'] must be one of {list(_DTYPES)}")
+        return cls(**section)
+
+
+def defense_section(vllm_config: "VllmConfig") -> dict[str, Any] | None:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict):
+        return None
+    return extra.get(EXTRA_ARGS_KEY)
+
+
+def check_same_tokenizer(teacher: str, proxy: str) -> None:
+    """Refuse a proxy whose tokenizer differs from the teacher's: the mix is per token id."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(teacher)
+    p = AutoTokenizer.from_pretrained(proxy)
+    tv, pv = t.get_vocab(), p.get_vocab()
+    if tv != pv:
+        only_t = sorted(set(tv.items()) - set(pv.items()))[:3]
+        only_p = sorted(set(pv.items()) - set(tv.items()))[:3]
+        raise ValueError(
+            f"teacher ({teacher}) and proxy ({proxy}) tokenizers differ "
+            f"({len(tv)} vs {len(pv)} entries; e.g. teacher-only {only_t}, proxy-only {only_p}); "
+            "the defense mixes distributions token id by token id, so they must be identical"
+        )
+
+
+def load_ads_grad(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Load the proxy's downstream-loss gradient and check it matches ``model``."""
+    from safetensors.torch import load_file
+
+    grad = load_file(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(grad))
+    extra = sorted(set(grad) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"ADS gradient {path} does not match the proxy: "
+            f"{len(missing)} proxy parameters missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unknown names (e.g. {extra[:2]}); was it computed for another model?"
+        )
+    for name, p in params.items():
+        if tuple(grad[name].shape) != tuple(p.shape):
+            raise ValueError(
+                f"ADS gradient {path} does not match the proxy: {name} has shape "
+                f"{tuple(grad[name].shape)}, the proxy's is {tuple(p.shape)}"
+            )
+    return grad
+
+
+@dataclass
+class _Row:
+    defense: Defense
+    slot: int
+    prompt: list[int]
+    output: list[int]  # live list owned by the engine; grows each step
+    runners: tuple[Any, ...]
+    fed: int = 0
+
+    def new_tokens(self) -> list[int]:
+        n_prompt = len(self.prompt)
+        if self.fed >= n_prompt:
+            return self.output[self.fed - n_prompt :]
+        return self.prompt[self.fed :] + list(self.output)
+
+
+@dataclass
+class _AdsPair:
+    plus: ProxyRunner
+    minus: ProxyRunner
+    users: set[int] = field(default_factory=set)
+
+
+class DefenseLogitsProcessor(LogitsProcessor):
+    """PoE and ADS rows mixed with a co-hosted proxy; everything else untouched."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        parse_defense(sampling_params.extra_args)
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+        section = defense_section(vllm_config)
+        self.active = section is not None
+        self.rows: dict[int, _Row] = {}
+        if not self.active:
+            return
+        with _LIVE_LOCK:
+            for other in _LIVE:
+                if other.active and other.vllm_config is vllm_config:
+                    raise RuntimeError(
+                        "distillgame's DefenseLogitsProcessor is loaded twice in one engine: it is "
+                        "registered as a vllm.logits_processors entry point, which vLLM loads by itself; "
+                        "do not also pass it via logits_processors= / --logits-processors"
+                    )
+            _LIVE.add(self)
+        self.vllm_config = vllm_config
+        self.settings = DefenseSettings.from_section(section)
+        self.device = torch.device(device)
+        model_config = vllm_config.model_config
+        self.num_slots = vllm_config.scheduler_config.max_num_seqs
+        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+
+        check_same_tokenizer(model_config.tokenizer, self.settings.proxy)
+        dtype = _DTYPES[self.settings.dtype] if self.settings.dtype else model_config.dtype
+        from transformers import AutoModelForCausalLM
+
+        logger.info("loading proxy %s (%s) for the defense", self.settings.proxy, dtype)
+        proxy = AutoModelForCausalLM.from_pretrained(self.settings.proxy, dtype=dtype).to(self.device).eval()
+        self.proxy_model = proxy
+        self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.settings.initial_cache_len)
+        teacher_vocab = model_config.get_vocab_size()
+        self.vocab = min(teacher_vocab, self.proxy.vocab_size)
+        self.ads_grad = load_ads_grad(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
+        self.ads_pairs: dict[float, _AdsPair] = {}
+
+        n_modes = len(MODES)
+        self.kl_sum = torch.zeros(n_modes, dtype=torch.float64, device=self.device)
+        self.tokens = torch.zeros(n_modes, dtype=torch.long, device=self.device)
+        self.agree = torch.zeros(n_modes, dtype=torch.long, device=self.device)
+        logger.info(
+            "defense ready: proxy vocab %d, teacher vocab %d, %d slots, ADS %s",
+            self.proxy.vocab_size,
+            teacher_vocab,
+            self.num_slots,
+            "on" if self.ads_grad is not None else "off",
+        )
+
+    def is_argmax_invariant(self) -> bool:
+        return not self.active
+
+    def _ads_pair(self, eps: float) -> _AdsPair:
+        pair = self.ads_pairs.get(eps)
+        if pair is not None:
+            return pair
+        if self.ads_grad is None:
+            raise RuntimeError(
+                "an ADS request reached an engine without an ADS gradient "
+                "(set additional_config['distillgame']['ads_grad'])"
+            )
+        unused = [e for e, p in self.ads_pairs.items() if not p.users]
+        for e in unused:
+            del self.ads_pairs[e]
+        if len(self.ads_pairs) >= self.settings.ads_max_eps:
+            raise RuntimeError(
+                f"more than {self.settings.ads_max_eps} distinct ADS eps values are running at once "
+                "(each needs its own pair of perturbed proxies; raise ads_max_eps)"
+            )
+        copies = []
+        for sign in (+1.0, -1.0):
+            clone = copy.deepcopy(self.proxy_model)
+            with torch.no_grad():
+                for name, param in clone.named_parameters():
+                    param.add_(self.ads_grad[name].to(param.device, param.dtype), alpha=sign * eps)
+            copies.append(ProxyRunner(clone, self.num_slots, self.device, self.settings.initial_cache_len))
+        pair = self.ads_pairs[eps] = _AdsPair(*copies)
+        return pair
+
+    def _release(self, index: int) -> None:
+        row = self.rows.pop(index, None)
+        if row is None:
+            return
+        self.free_slots.append(row.slot)
+        if row.defense.mode == "ads":
+            pair = self.ads_pairs.get(row.defense.eps)
+            if pair is not None:
+                pair.users.discard(row.slot)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not self.active or batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._release(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            # An add may replace the row at ``index`` without a removal first.
+            self._release(index)
+            defense = parse_defense(params.extra_args if params is not None else None)
+            if not defense.active:
+                continue
+            slot = self.free_slots.pop()
+            if defense.mode == "poe":
+                runners: tuple[Any, ...] = (self.proxy,)
+            else:
+                pair = self._ads_pair(defense.eps)
+                pair.users.add(slot)
+                runners = (pair.plus, pair.minus)
+            for runner in runners:
+                runner.reset(slot)
+            # A (re-)added request replays its prompt and any outputs so far.
+            self.rows[index] = _Row(defense, slot, list(prompt_ids or []), output_ids, runners)
+        for a, b, direction in batch_update.moved:
+            row_a = self.rows.pop(a, None)
+            row_b = self.rows.pop(b, None)
+            if row_a is not None:
+                self.rows[b] = row_a
+            if row_b is not None and direction == MoveDirectionality.SWAP:
+                self.rows[a] = row_b
+            elif row_b is not None:
+                # A one-way move overwrites b: its previous occupant is gone.
+                self.free_slots.append(row_b.slot)
+
+    def _check_fault(self) -> None:
+        fault = self.settings.fault_file
+        if fault and os.path.exists(fault):
+            raise RuntimeError(f"injected proxy failure ({fault} exists)")
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active or not self.rows:
+            return logits
+        self._check_fault()
+        indices = sorted(self.rows)
+        rows = [self.rows[i] for i in indices]
+        news = [row.new_tokens() for row in rows]
+        for new in news:
+            if -1 in new:
+                raise RuntimeError("an output token placeholder reached the defense; refusing to guess")
+
+        # One batched forward per proxy model for all rows that need it.
+        per_runner: dict[int, tuple[ProxyRunner, list[int]]] = {}
+        for pos, row in enumerate(rows):
+            for runner in row.runners:
+                per_runner.setdefault(id(runner), (runner, []))[1].append(pos)
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        for runner, positions in per_runner.values():
+            logprobs = runner.step([rows[p].slot for p in positions], [news[p] for p in positions])
+            for k, p in enumerate(positions):
+                outputs[(id(runner), p)] = logprobs[k]
+        for row, new in zip(rows, news):
+            row.fed += len(new)
+
+        vocab = self.vocab
+        index_t = torch.tensor(indices, dtype=torch.long, device=logits.device)
+        teacher = torch.log_softmax(logits[index_t, :vocab].float(), dim=-1)
+        mixed = torch.empty_like(teacher)
+        poe = [p for p, row in enumerate(rows) if row.defense.mode == "poe"]
+        ads = [p for p, row in enumerate(rows) if row.defense.mode == "ads"]
+        if poe:
+            pos_t = torch.tensor(poe, device=logits.device)
+            proxy = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in poe])
+            gamma = torch.tensor([rows[p].defense.gamma for p in poe], device=logits.device)[:, None]
+            mixed[pos_t] = poe_mix(teacher[pos_t], proxy, gamma)
+        if ads:
+            pos_t = torch.tensor(ads, device=logits.device)
+            plus = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in ads])
+            minus = torch.stack([outputs[(id(rows[p].runners[1]), p)][:vocab] for p in ads])
+            lam = torch.tensor([rows[p].defense.lam for p in ads], device=logits.device)[:, None]
+            eps = torch.tensor([rows[p].defense.eps for p in ads], device=logits.device)[:, None]
+            mixed[pos_t] = ads_tilt(teacher[pos_t], plus, minus, lam, eps)
+
+        logits[index_t, :vocab] = mixed.to(logits.dtype)
+        if logits.shape[1] > vocab:
+            logits[index_t, vocab:] = float("-inf")
+
+        # Fidelity (eq. 1 budget) accumulates on the device: no host sync per step.
+        kl, agree = kl_and_agreement(mixed, teacher)
+        mode_t = torch.tensor([MODE_INDEX[row.defense.mode] for row in rows], device=logits.device)
+        self.kl_sum.index_add_(0, mode_t, kl.double())
+        self.tokens.index_add_(0, mode_t, torch.ones_like(mode_t))
+        self.agree.index_add_(0, mode_t, agree.long())
+        return logits
+
+    def fidelity(self) -> dict[str, dict[str, float | int]]:
+        kl, tokens, agree = self.kl_sum.tolist(), self.tokens.tolist(), self.agree.tolist()
+        return {
+            mode: {"tokens": tokens[i], "kl_sum": kl[i], "argmax_agree": agree[i]}
+            for i, mode in enumerate(MODES)
+            if mode != "none"
+        }
+
+    def proxy_cache_bytes(self) -> int:
+        if not self.active:
+            return 0
+        runners = [self.proxy] + [r for p in self.ads_pairs.values() for r in (p.plus, p.minus)]
+        return sum(r.cache.memory_bytes() for r in runners)
+
+
+class DefenseWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``) to read the processor's counters.
+
+    ``engine.collective_rpc("distillgame_fidelity")`` returns one dict per worker.
+    """
+
+    def distillgame_fidelity(self) -> dict[str, dict[str, float | int]]:
+        total: dict[str, dict[str, float | int]] = {
+            m: {"tokens": 0, "kl_sum": 0.0, "argmax_agree": 0} for m in MODES if m != "none"
+        }
+        with _LIVE_LOCK:
+            live = [p for p in _LIVE if p.active]
+        for proc in live:
+            for mode, stats in proc.fidelity().items():
+                for key, value in stats.items():
+                    total[mode][key] += value
+        return total

@@ -1,0 +1,188 @@
+"""Batched incremental decoding of a Hugging Face causal LM beside the engine.
+
+The engine decides which requests run each step; this runner keeps one KV
+cache slot per defended request, each at its own length, so that one batched
+forward serves every row of a step: rows that just arrived feed their whole
+prefix (prompt plus any outputs, which is also how a preempted request is
+replayed), the others feed the one token sampled last step.
+
+Transformers' own caches keep one length for the whole batch, so the runner
+brings its own (:class:`SlotKVCache`): per-slot buffers, writes at each row's
+own offset, per-row ``position_ids`` and a 4D mask that hides every row's
+unused tail. Prefill rows and one-token rows go in separate forwards
+(at most two per step), because padding every decode row to the longest new
+prompt would multiply the step's work by the prompt length.
+
+Not for: sampling or mixing (see :mod:`distillgame.plugins.mixing`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+logger = logging.getLogger(__name__)
+
+
+class SlotKVCache(Cache):
+    """Per-slot key/value buffers with one length per slot.
+
+    Before each forward, :meth:`plan` says which slots the batch rows use and
+    where each row's new tokens start; :meth:`update` (called by every
+    attention layer) writes the new keys/values there and returns the rows'
+    keys/values up to the longest row, which the 4D mask trims per row.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        initial_capacity: int = 128,
+    ) -> None:
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.shape = (num_slots, num_kv_heads, initial_capacity, head_dim)
+        self.dtype = dtype
+        self.device = device
+        self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._slots: torch.Tensor | None = None
+        self._write_pos: torch.Tensor | None = None
+        self._kv_len = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def _grow(self, needed: int) -> None:
+        new_cap = self.capacity
+        while new_cap < needed:
+            new_cap *= 2
+        pad = new_cap - self.capacity
+        logger.debug("proxy KV cache grows to %d positions per slot", new_cap)
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                extra = buf.new_zeros(buf.shape[0], buf.shape[1], pad, buf.shape[3])
+                store[i] = torch.cat([buf, extra], dim=2)
+
+    def plan(self, slots: torch.Tensor, starts: torch.Tensor, width: int) -> None:
+        """Prepare a forward of ``width`` new positions for rows at ``slots`` starting at ``starts``."""
+        kv_len = int(starts.max().item()) + width
+        if kv_len > self.capacity:
+            self._grow(kv_len)
+        self._slots = slots
+        self._write_pos = starts[:, None] + torch.arange(width, device=starts.device)[None, :]
+        self._kv_len = kv_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        assert self._slots is not None and self._write_pos is not None, "plan() must precede a forward"
+        slots = self._slots[:, None]
+        # Advanced indices split by a slice put the indexed dims first: [B, T, H, D].
+        self.keys[layer_idx][slots, :, self._write_pos, :] = key_states.transpose(1, 2)
+        self.values[layer_idx][slots, :, self._write_pos, :] = value_states.transpose(1, 2)
+        keys = self.keys[layer_idx][self._slots, :, : self._kv_len, :]
+        values = self.values[layer_idx][self._slots, :, : self._kv_len, :]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def memory_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.keys + self.values)
+
+
+class ProxyRunner:
+    """Runs one proxy model (or a perturbed copy of it) for many requests at once.
+
+    Slots are owned by the caller (the logits processor): it allocates a slot
+    per defended request, calls :meth:`reset` when a request (re)enters, and
+    :meth:`step` once per engine step with every row that needs this model.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, initial_capacity: int = 128) -> None:
+        self.model = model
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_heads = text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+        dtype = next(model.parameters()).dtype
+        self.device = device
+        self.num_slots = num_slots
+        self.cache = SlotKVCache(
+            text_config.num_hidden_layers, num_slots, num_kv_heads, head_dim, dtype, device, initial_capacity
+        )
+        self.lengths = [0] * num_slots  # tokens already in each slot's cache
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        # The last next-token log-probs per slot: reused when a row has no new
+        # token this step (e.g. a chunked-prefill step whose sample is discarded).
+        self.last_logprobs = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
+        self._decoder = getattr(model, "model", None)
+        self._head = model.get_output_embeddings()
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    @torch.inference_mode()
+    def step(self, slots: Sequence[int], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed each row its new tokens; return next-token log-probs ``[rows, vocab]`` (float32).
+
+        ``new_tokens[i]`` continues slot ``slots[i]`` from its current length.
+        """
+        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
+        rows_one = [i for i, toks in enumerate(new_tokens) if len(toks) == 1]
+        rows_many = [i for i, toks in enumerate(new_tokens) if len(toks) > 1]
+        for group in (rows_one, rows_many):
+            if group:
+                self._forward(group, [slots[i] for i in group], [new_tokens[i] for i in group], out)
+        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
+        if rows_none:
+            idx = torch.tensor([slots[i] for i in rows_none], device=self.device)
+            out[torch.tensor(rows_none, device=self.device)] = self.last_logprobs[idx]
+        return out
+
+    def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
+        width = max(len(t) for t in tokens)
+        batch = len(rows)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        n_new = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        for b, toks in enumerate(tokens):
+            ids[b, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+        starts = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)
+        ids, n_new, starts = ids.to(self.device), n_new.to(self.device), starts.to(self.device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+
+        positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
+        self.cache.plan(slot_t, starts, width)
+        kv_pos = torch.arange(self.cache._kv_len, device=self.device)
+        # Row b's query t sees key k iff k <= start_b + t (causal) and k lies in
+        # the valid prefix start_b + n_new_b (hides padding and stale tails).
+        visible = (kv_pos[None, None, :] <= positions[:, :, None]) & (
+            kv_pos[None, None, :] < (starts + n_new)[:, None, None]
+        )
+        mask = visible[:, None, :, :]
+
+        last = (n_new - 1).clamp_min(0)
+        if self._decoder is not None:
+            hidden = self._decoder(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            ).last_hidden_state
+            picked = hidden[torch.arange(batch, device=self.device), last]
+            logits = self._head(picked)
+        else:
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            ).logits[torch.arange(batch, device=self.device), last]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out[torch.tensor(rows, device=self.device)] = logprobs
+        self.last_logprobs[slot_t] = logprobs
+        for s, n in zip(slots, n_new.tolist()):
+            self.lengths[s] += n
