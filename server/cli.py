@@ -1,0 +1,102 @@
+"""``distillgame serve``: the defended OpenAI-compatible server on one engine.
+
+Ready when ``GET /health`` answers 200. SIGTERM/SIGINT stop accepting new
+connections and let in-flight requests finish for ``--drain-timeout`` seconds
+before the engine is shut down.
+
+Not for: the HTTP handlers themselves (see :mod:`distillgame.server.app`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve defended completions over an OpenAI-compatible API")
+    p.add_argument("--teacher", default=None, help="teacher model folder or id (default: embedded SmolLM2)")
+    p.add_argument("--proxy", default=None, help="proxy model folder or id (default: embedded, first 10 layers)")
+    p.add_argument("--ads-grad", default=None, help="proxy gradient file for ADS tiers (.safetensors)")
+    p.add_argument("--policy", default=None, type=Path,
+                   help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: teacher folder name)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=32, help="max concurrent sequences in the engine")
+    p.add_argument("--dtype", default="auto", help="teacher dtype (auto, float32, bfloat16, float16)")
+    p.add_argument("--memory-share", type=float, default=0.3,
+                   help="share of device (CPU: host) memory the engine may reserve")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="explicit KV-cache size in GiB (overrides the memory share for the KV cache)")
+    p.add_argument("--fault-file", default=None,
+                   help="testing: while this file exists, every defended engine step fails")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from distillgame.engine import EngineConfig
+    from distillgame.server.app import ServerState, create_app
+    from distillgame.server.metrics import ServerMetrics
+    from distillgame.server.policy import load_policy
+    from distillgame.server.supervisor import EngineOptions, EngineSupervisor
+
+    policy = load_policy(args.policy)
+    if args.ads_grad is None and any(t.defense.mode == "ads" for t in policy.tiers.values()):
+        # Otherwise the first ADS request would fail inside the engine and take it down.
+        logger.error("the policy has an ADS tier but no --ads-grad was given")
+        return 2
+    config = EngineConfig(
+        teacher=args.teacher, proxy=args.proxy, ads_grad=args.ads_grad, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
+        fault_file=args.fault_file,
+    )
+    kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
+    metrics = ServerMetrics()
+    supervisor = EngineSupervisor(
+        EngineOptions(config=config, kv_cache_bytes=kv_bytes),
+        stat_loggers=[metrics.stat_logger_factory()],
+        on_fidelity=metrics.record_fidelity,
+    )
+    name = args.served_model_name or Path(config.teacher or "").name or _default_name()
+    fatal: list[str] = []
+    server_box: list[uvicorn.Server] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        if server_box:
+            server_box[0].should_exit = True
+
+    state = ServerState(policy=policy, supervisor=supervisor, metrics=metrics, model_name=name,
+                        max_model_len=args.max_model_len, on_fatal=on_fatal)
+    app = create_app(state)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                               timeout_graceful_shutdown=args.drain_timeout, access_log=False)
+    server = uvicorn.Server(uv_config)
+    server_box.append(server)
+    logger.info("serving %s on http://%s:%d (policy: %s)", name, args.host, args.port, args.policy or "default PoE, no auth")
+    server.run()
+    return 1 if fatal else 0
+
+
+def _default_name() -> str:
+    from distillgame import models
+
+    return models.TEACHER_NAME
+
+
+if __name__ == "__main__":  # pragma: no cover - the engine core is a spawned process
+    import sys
+
+    from distillgame.cli import main
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,226 @@
+"""Who gets which defense: API keys, tiers and their limits.
+
+The provider writes a policy file (TOML or YAML); the server turns the
+caller's API key into a :class:`Tier`, and the tier alone fixes the defense
+that goes into ``SamplingParams.extra_args``. Nothing a caller sends can
+choose or weaken it.
+
+Keys are stored as SHA-256 digests (a plain ``key`` in the file is hashed at
+load time), compared with :func:`hmac.compare_digest` against every entry, and
+never logged. Without a policy file every request is anonymous and gets the
+default PoE defense of the embedded models.
+
+Not for: HTTP handling (see :mod:`distillgame.server.app`) or the defense math
+(see :mod:`distillgame.plugins.mixing`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+import tomllib
+from collections import deque
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from distillgame.plugins.mixing import Defense, parse_defense
+
+# PoE weight on the proxy (eq. 5) used when no policy file is given.
+DEFAULT_GAMMA = 0.65
+DEFAULT_TIER = "default"
+
+
+class DefenseSpec(BaseModel):
+    """A tier's defense, by the paper's names: ``poe`` uses gamma, ``ads`` uses lam and eps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["none", "poe", "ads"]
+    gamma: float | None = None
+    lam: float | None = None
+    eps: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DefenseSpec:
+        # Same validation as the engine's processor, so a bad file fails at load, not per request.
+        self.to_defense()
+        return self
+
+    def to_defense(self) -> Defense:
+        section: dict[str, Any] = {"mode": self.mode}
+        for name in ("gamma", "lam", "eps"):
+            value = getattr(self, name)
+            if value is not None:
+                section[name] = value
+        return parse_defense({"distillgame": section})
+
+    def extra_args(self) -> dict[str, Any]:
+        """What the server puts in ``SamplingParams.extra_args`` for this tier."""
+        return {"distillgame": self.to_defense().as_dict()}
+
+    def public(self) -> dict[str, Any]:
+        return self.to_defense().as_dict()
+
+
+class Tier(BaseModel):
+    """A class of callers: one defense and its limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    defense: DefenseSpec
+    max_tokens: int | None = Field(default=None, gt=0, description="cap on generated tokens per choice")
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    allow_logprobs: bool = True
+    max_top_logprobs: int = Field(default=20, ge=0, le=20)
+
+    @property
+    def defended(self) -> bool:
+        return self.defense.mode != "none"
+
+    def public(self) -> dict[str, Any]:
+        """The caller's view of its tier (``GET /v1/defense``): no keys, no hashes."""
+        return {
+            "tier": self.name,
+            **self.defense.public(),
+            "max_tokens": self.max_tokens,
+            "requests_per_minute": self.requests_per_minute,
+            "allow_logprobs": self.allow_logprobs,
+            "max_top_logprobs": self.max_top_logprobs,
+            "prompt_logprobs": False,
+        }
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str
+    key: str | None = Field(default=None, repr=False)
+    sha256: str | None = Field(default=None, repr=False)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("sha256 must be 64 hex digits")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> KeyEntry:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("each key entry needs exactly one of 'key' or 'sha256'")
+        return self
+
+    def digest(self) -> bytes:
+        if self.sha256 is not None:
+            return bytes.fromhex(self.sha256)
+        return hash_key(self.key or "")
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class AuthError(Exception):
+    """Missing or unknown API key (HTTP 401)."""
+
+
+class Policy(BaseModel):
+    """Tiers, the keys that select them, and the tier for callers without a key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: dict[str, Tier]
+    keys: list[KeyEntry] = Field(default_factory=list)
+    anonymous_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Policy:
+        if not self.tiers:
+            raise ValueError("a policy needs at least one tier")
+        # Tier names come from the table keys; keep them on the objects for metrics and /v1/defense.
+        self.tiers = {name: tier.model_copy(update={"name": name}) for name, tier in self.tiers.items()}
+        for entry in self.keys:
+            if entry.tier not in self.tiers:
+                raise ValueError(f"key entry names unknown tier {entry.tier!r}")
+        if self.anonymous_tier is not None and self.anonymous_tier not in self.tiers:
+            raise ValueError(f"anonymous_tier names unknown tier {self.anonymous_tier!r}")
+        if not self.keys and self.anonymous_tier is None:
+            raise ValueError("a policy without keys needs an anonymous_tier")
+        self._digests = [(entry.digest(), entry.tier) for entry in self.keys]
+        return self
+
+    @property
+    def requires_key(self) -> bool:
+        return self.anonymous_tier is None
+
+    def authenticate(self, api_key: str | None) -> Tier:
+        """The caller's tier; raises :class:`AuthError` for a missing or unknown key.
+
+        Every stored digest is compared (no early exit), so the time taken
+        does not depend on which entry, if any, matched.
+        """
+        if not api_key:
+            if self.anonymous_tier is None:
+                raise AuthError("missing API key")
+            return self.tiers[self.anonymous_tier]
+        presented = hash_key(api_key)
+        found: str | None = None
+        for digest, tier in self._digests:
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = tier
+        if found is None:
+            raise AuthError("invalid API key")
+        return self.tiers[found]
+
+
+def default_policy(gamma: float = DEFAULT_GAMMA) -> Policy:
+    """No file: no auth, every request defended with PoE at ``gamma``."""
+    return Policy(
+        tiers={DEFAULT_TIER: Tier(defense=DefenseSpec(mode="poe", gamma=gamma))},
+        anonymous_tier=DEFAULT_TIER,
+    )
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """Read a policy from a ``.toml`` or ``.yaml``/``.yml`` file; ``None`` gives :func:`default_policy`."""
+    if path is None:
+        return default_policy()
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = tomllib.loads(text)
+    return Policy.model_validate(data)
+
+
+class RateLimiter:
+    """Requests per minute per caller, over a sliding 60 s window."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, caller: str, limit: int | None, now: float | None = None) -> bool:
+        if limit is None:
+            return True
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            seen = self._seen.setdefault(caller, deque())
+            while seen and now - seen[0] >= self.window_s:
+                seen.popleft()
+            if len(seen) >= limit:
+                return False
+            seen.append(now)
+            return True
