@@ -1,0 +1,172 @@
+"""``distillgame attack {collect,distill,eval,table}``: the attack harness's commands.
+
+Heavy imports (torch, openai, vLLM) happen inside the handlers, so ``--help``
+stays fast and other commands do not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    attack = subparsers.add_parser("attack", help="collect traces from an endpoint and distill students from them")
+    sub = attack.add_subparsers(dest="attack_command", required=True)
+
+    c = sub.add_parser("collect", help="query an OpenAI-compatible endpoint for a task split (resumable JSONL)")
+    _endpoint_args(c)
+    c.add_argument("--task", default="gsm-symbolic")
+    c.add_argument("--split", default="train")
+    c.add_argument("--n", type=int, default=None)
+    c.add_argument("--out", type=Path, required=True, help="trace JSONL (appended to; reruns resume)")
+    c.add_argument("--api", choices=["completions", "chat"], default="completions")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None, help="per-request sampling seed = seed + problem index")
+    c.add_argument("--concurrency", type=int, default=8)
+    c.add_argument("--max-retries", type=int, default=6)
+    c.add_argument("--data-dir", default=None, help="local dataset folder for gsm8k/math")
+    c.add_argument("--extra-body", default=None, help="JSON object sent as extra request fields")
+    c.set_defaults(func=_collect)
+
+    d = sub.add_parser("distill", help="LoRA-distill a student from traces, passive or adaptive")
+    d.add_argument("--traces", type=Path, required=True)
+    d.add_argument("--student", required=True, help="transformers causal LM folder or id")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--mode", choices=["passive", "adaptive"], default="passive")
+    d.add_argument("--eta", type=float, default=None, help="fixed tilt sharpness (default: from --rho)")
+    d.add_argument("--rho", type=float, default=0.1, help="KL(w || uniform) budget per minibatch")
+    d.add_argument("--val-task", default=None, help="task whose ground-truth solutions define L_val")
+    d.add_argument("--val-split", default="validation")
+    d.add_argument("--val-n", type=int, default=32)
+    d.add_argument("--val-every", type=int, default=1, help="optimizer steps between grad L_val estimates")
+    d.add_argument("--rank", type=int, default=128)
+    d.add_argument("--lora-alpha", type=int, default=None)
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--epochs", type=float, default=3.0)
+    d.add_argument("--batch-size", type=int, default=6)
+    d.add_argument("--grad-accum", type=int, default=4)
+    d.add_argument("--max-length", type=int, default=2048)
+    d.add_argument("--max-steps", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--vmap-chunk", type=int, default=None)
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.set_defaults(func=_distill)
+
+    e = sub.add_parser("eval", help="student accuracy (local vLLM) or teacher accuracy (through its endpoint)")
+    e.add_argument("--student", default=None, help="student folder (e.g. DISTILL_OUT/merged)")
+    _endpoint_args(e, required=False)
+    e.add_argument("--task", default="gsm-symbolic")
+    e.add_argument("--split", default="test")
+    e.add_argument("--n", type=int, default=100)
+    e.add_argument("--max-tokens", type=int, default=512)
+    e.add_argument("--out", type=Path, required=True)
+    e.set_defaults(func=_eval)
+
+    t = sub.add_parser("table", help="the whole protocol: Table 1 (and --sweep: the frontier PNG)")
+    t.add_argument("--config", type=Path, default=None, help="YAML/JSON TableConfig (flags override it)")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--teacher", default=None)
+    t.add_argument("--proxy", default=None)
+    t.add_argument("--student", default=None)
+    t.add_argument("--task", default=None)
+    t.add_argument("--seeds", type=int, default=None)
+    t.add_argument("--n-train", type=int, default=None)
+    t.add_argument("--n-test", type=int, default=None)
+    t.add_argument("--n-val", type=int, default=None)
+    t.add_argument("--max-tokens", type=int, default=None)
+    t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--grad-accum", type=int, default=None)
+    t.add_argument("--max-length", type=int, default=None)
+    t.add_argument("--rho", type=float, default=None)
+    t.add_argument("--settings", default=None,
+                   help='teacher settings, e.g. "none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4"')
+    t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
+    t.add_argument("--base-url", default=None, help="attack a running server instead of starting one")
+    t.set_defaults(func=_table)
+
+
+def _endpoint_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--base-url", required=required, help="e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default="EMPTY")
+    p.add_argument("--model", default=None, help="model id (default: the endpoint's first /v1/models entry)")
+
+
+def _model_id(base_url: str, api_key: str, model: str | None) -> str:
+    if model:
+        return model
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key).models.list().data[0].id
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from distillgame.clients.attack.collect import CollectConfig, collect
+
+    cfg = CollectConfig(
+        base_url=args.base_url, api_key=args.api_key, model=_model_id(args.base_url, args.api_key, args.model),
+        task=args.task, split=args.split, n=args.n, out=args.out, api=args.api, max_tokens=args.max_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+        max_retries=args.max_retries, data_dir=args.data_dir,
+        extra_body=json.loads(args.extra_body) if args.extra_body else {},
+    )
+    summary = collect(cfg)
+    log.info("collected %d/%d records (accuracy %s) in %.1fs", summary["n_records"], summary["n_problems"],
+             summary["accuracy"], summary["wall_s_this_run"])
+    return 0 if not summary["failures"] else 1
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from distillgame.clients.attack.distill import DistillConfig, distill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DistillConfig(
+        student=args.student, out=args.out, mode=args.mode, eta=args.eta, rho=args.rho, val_every=args.val_every,
+        rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, max_steps=args.max_steps, seed=args.seed,
+        dtype=args.dtype, device=args.device, vmap_chunk=args.vmap_chunk,
+    )
+    summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n)
+    log.info("distilled %s student: %d steps, final loss %.4f -> %s", args.mode, summary["steps"],
+             summary["final_loss"], args.out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from distillgame.clients.attack.evaluation import student_accuracy, teacher_accuracy
+
+    if (args.student is None) == (args.base_url is None):
+        log.error("give exactly one of --student (a model folder) or --base-url (an endpoint)")
+        return 2
+    if args.student:
+        summary = student_accuracy(args.student, args.task, args.split, args.n, args.out, max_tokens=args.max_tokens)
+    else:
+        summary = teacher_accuracy(
+            args.base_url, _model_id(args.base_url, args.api_key, args.model), args.task, args.split, args.n,
+            args.out / "teacher.jsonl", api_key=args.api_key, max_tokens=args.max_tokens,
+        )
+    log.info("accuracy %.4f", summary["accuracy"])
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from distillgame.clients.attack.table import TableConfig, run_table
+
+    cfg = TableConfig.from_args(args)
+    result = run_table(cfg)
+    log.info("Table 1 written to %s", result["markdown"])
+    return 0
