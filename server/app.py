@@ -206,7 +206,7 @@ def create_app(state: ServerState) -> FastAPI:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = gen.sampling_params(len(ids), max_tokens, body.top_logprobs if body.logprobs else None)
+        params = gen.sampling_params(len(ids), max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         if body.stream:
             return gen.stream([ids], params, _chat_chunks)
         return await gen.respond([ids], params, _chat_response)
@@ -378,12 +378,17 @@ class _Generation:
 
     def _engine_error(self, exc: BaseException) -> APIError:
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, VLLMClientError):
             return APIError(400, str(exc), code="invalid_parameter")
         if isinstance(exc, EngineUnavailable):
             return APIError(503, str(exc), type="service_unavailable", code="engine_unavailable")
         logger.warning("request %s failed in the engine: %s", self.id, type(exc).__name__)
+        if isinstance(exc, EngineDeadError):
+            # Flag it now rather than at the supervisor's next poll, so /health never lags a failed request.
+            self.state.supervisor.mark_failed("engine core died during a step (requests in flight were failed, "
+                                              "no tokens released)")
         # Fail closed: the defended step did not complete, so nothing of this request is released.
         return APIError(500, "the engine failed while producing this response; no output was released",
                         type="server_error", code="engine_failed")

@@ -10,9 +10,15 @@ Not for: the HTTP handlers themselves (see :mod:`distillgame.server.app`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from distillgame.engine import EngineConfig
     from distillgame.server.app import ServerState, create_app
     from distillgame.server.metrics import ServerMetrics
@@ -65,10 +69,11 @@ def serve(args: argparse.Namespace) -> int:
         EngineOptions(config=config, kv_cache_bytes=kv_bytes),
         stat_loggers=[metrics.stat_logger_factory()],
         on_fidelity=metrics.record_fidelity,
+        on_restart=metrics.engine_restarts.inc,
     )
     name = args.served_model_name or Path(config.teacher or "").name or _default_name()
     fatal: list[str] = []
-    server_box: list[uvicorn.Server] = []
+    server_box: list[DrainingServer] = []
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -80,11 +85,31 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                timeout_graceful_shutdown=args.drain_timeout, access_log=False)
-    server = uvicorn.Server(uv_config)
+    server = DrainingServer(uv_config)
     server_box.append(server)
     logger.info("serving %s on http://%s:%d (policy: %s)", name, args.host, args.port, args.policy or "default PoE, no auth")
     server.run()
     return 1 if fatal else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that a SIGTERM after a completed drain exits 0.
+
+    uvicorn re-raises the captured signal once it has shut down, which makes a
+    clean, drained stop look like a kill to process supervisors.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def _default_name() -> str:

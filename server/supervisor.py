@@ -54,11 +54,14 @@ class EngineSupervisor:
         self,
         options: EngineOptions,
         stat_loggers: list[Callable[..., Any]] | None = None,
-        on_fidelity: Callable[[dict[str, dict[str, float]]], None] | None = None,
+        on_fidelity: Callable[[dict[str, dict[str, float]], int], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self.options = options
         self.stat_loggers = stat_loggers or []
         self.on_fidelity = on_fidelity
+        self.on_restart = on_restart
+        self._restarting = False
         self.engine: Any = None
         self.tokenizer: Any = None
         self.model_path: str = ""
@@ -85,6 +88,11 @@ class EngineSupervisor:
         self._state.since = time.time()
         log = logger.warning if status in ("failed", "restarting") else logger.info
         log("engine %s%s", status, f": {reason}" if reason else "")
+
+    def mark_failed(self, reason: str) -> None:
+        """Report a dead engine seen by a request; the watcher does the rebuild."""
+        if self._state.status == "ready":
+            self._set("failed", reason)
 
     def live_engine(self) -> Any:
         """The engine if it can take a request now, else :class:`EngineUnavailable`."""
@@ -127,8 +135,15 @@ class EngineSupervisor:
         while not self._stopping:
             await asyncio.sleep(0.25)
             engine = self.engine
-            if engine is not None and engine.errored and self._state.status == "ready":
-                await self._restart("engine core died during a step (requests in flight were failed, no tokens released)")
+            if engine is not None and engine.errored and not self._restarting:
+                self._restarting = True
+                try:
+                    await self._restart(
+                        self._state.reason
+                        or "engine core died during a step (requests in flight were failed, no tokens released)"
+                    )
+                finally:
+                    self._restarting = False
                 continue
             if self.on_fidelity and time.monotonic() - last_poll >= self.options.fidelity_poll_s:
                 last_poll = time.monotonic()
@@ -137,6 +152,8 @@ class EngineSupervisor:
     async def _restart(self, reason: str) -> None:
         self._set("failed", reason)
         self._state.restarts += 1
+        if self.on_restart:
+            self.on_restart()
         old, self.engine = self.engine, None
         if old is not None:
             await asyncio.to_thread(self._shutdown_engine, old)

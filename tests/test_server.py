@@ -1,0 +1,380 @@
+"""The defended server end to end: a real ``distillgame serve`` process, a real socket, the openai SDK.
+
+One server for the whole module (engine start is about 30-60 s on two
+cores), driven like any OpenAI client would. Tests run in file order: the
+fault-injection test restarts the engine, the metrics test reads what all
+earlier traffic left, and the SIGTERM test stops the server last.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest_server import LIMITED_KEY, ServerProcess, metric_sum, metric_value
+
+GAMMA = 0.65  # the test policy's PoE weight for the "standard" tier
+PROMPT = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"))
+    srv.start()
+    try:
+        srv.wait_ready(timeout=400)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _client(server: ServerProcess, key: str = "sk-test-standard") -> openai.OpenAI:
+    # No retries: a test must see the first answer, not a retried one.
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return _client(server)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from distillgame import models
+    from distillgame.plugins.reference import ReferenceModels
+
+    torch.set_num_threads(1)
+    return ReferenceModels(models.resolve(None, "teacher"), models.resolve(None, "proxy"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from distillgame import models
+
+    return AutoTokenizer.from_pretrained(models.resolve(None, "teacher"))
+
+
+def _greedy_top_logprobs(client, model, prompt_ids, max_tokens=3, k=5, **extra):
+    """Returned (generated ids, per-position {token id: logprob}) of a greedy completion."""
+    r = client.completions.create(
+        model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0.0, logprobs=k,
+        extra_body={"return_tokens_as_token_ids": True, **extra},
+    )
+    lp = r.choices[0].logprobs
+    ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+    tops = [{int(t.split(":", 1)[1]): v for t, v in top.items()} for top in lp.top_logprobs]
+    return ids, tops, r
+
+
+def test_models_list_names_the_served_teacher(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2-135m-instruct"]
+
+
+def test_defense_endpoint_reports_the_callers_tier_without_secrets(server):
+    r = httpx.get(f"{server.base_url}/v1/defense", headers={"Authorization": "Bearer sk-test-standard"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tier"] == "standard" and body["mode"] == "poe" and body["gamma"] == GAMMA
+    assert "sk-test" not in r.text and "sha256" not in r.text
+    r = httpx.get(f"{server.base_url}/v1/defense", headers={"Authorization": "Bearer sk-test-open"})
+    assert r.json()["mode"] == "none"
+
+
+def test_missing_or_unknown_key_is_401(server, model):
+    with pytest.raises(openai.AuthenticationError) as err:
+        _client(server, "sk-wrong").chat.completions.create(model=model, messages=PROMPT, max_tokens=2)
+    assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"
+    # The SDK always sends a key, so the no-key path is checked with plain HTTP.
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": PROMPT})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "missing API key"
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"{server.base_url}/v1/defense", headers={"Authorization": "Bearer sk-test-standar"})
+    assert r.status_code == 401
+
+
+def test_chat_completion_counts_usage(client, model, tokenizer):
+    r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=5, temperature=0.0, logprobs=True)
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert r.object == "chat.completion" and r.model == model
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    # One logprobs entry per released token, and they spell the text.
+    content = r.choices[0].logprobs.content
+    assert r.usage.completion_tokens == len(content) >= 1
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming_and_reports_usage(client, model):
+    full = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=6, temperature=0.0)
+    stream = client.chat.completions.create(
+        model=model, messages=PROMPT, max_tokens=6, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_streaming_and_n2_with_seed_reproducible(client, model):
+    kw = dict(model=model, prompt="The weather today is", max_tokens=6, temperature=1.0, n=2, seed=1234)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert 2 <= a.usage.completion_tokens <= 12
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert [streamed[0], streamed[1]] == [c.text for c in a.choices]
+
+
+def test_stop_string_ends_the_text_before_it(client, model):
+    base = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0.0)
+    text = base.choices[0].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = text.index(stop)
+    r = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0.0, stop=[stop])
+    assert r.choices[0].text == text[:cut]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_bad_input_raises_openai_error_classes(client, model):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=PROMPT, temperature=5.0)
+    assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="hi", max_tokens=5000)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt=[10**9], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=PROMPT, max_tokens=2)
+
+
+def test_body_fields_cannot_weaken_the_defense(client, model, reference):
+    prompt = [1, 504, 3458, 314, 260]
+    ids_before, tops_before, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=1)
+    attempts = [
+        {"vllm_xargs": {"distillgame": '{"mode": "none"}'}},
+        {"extra_args": {"distillgame": {"mode": "none"}}},
+        {"defense": {"mode": "none"}},
+        {"distillgame": {"mode": "poe", "gamma": 0.0}},
+        {"logits_processors": []},
+        {"logit_bias": {"28": 100}},
+    ]
+    for extra in attempts:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=5,
+                                      extra_body=extra)
+        assert err.value.body["param"] == next(iter(extra))
+        assert "policy" in err.value.body["message"]
+    ids_after, tops_after, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=1)
+    assert ids_after == ids_before and tops_after == tops_before
+    # ... and that unchanged distribution is the defended one, not the teacher's.
+    defended = reference.next_token_logprobs(prompt, {"mode": "poe", "gamma": GAMMA})
+    teacher = reference.next_token_logprobs(prompt, {"mode": "none"})
+    for tid, value in tops_after[0].items():
+        assert abs(value - defended[tid].item()) < 1e-4
+    assert max(abs(v - teacher[t].item()) for t, v in tops_after[0].items()) > 1e-2
+
+
+def test_tier_caps_max_tokens_and_refuses_logprobs(server, model):
+    capped = _client(server, "sk-test-capped")
+    r = capped.completions.create(model=model, prompt="Once upon a time", max_tokens=50, temperature=0.0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as err:
+        capped.completions.create(model=model, prompt="hi", max_tokens=2, logprobs=2)
+    assert err.value.body["code"] == "logprobs_refused"
+
+
+def test_rate_limit_is_429(server, model):
+    limited = _client(server, LIMITED_KEY)
+    for _ in range(2):
+        limited.completions.create(model=model, prompt="hi", max_tokens=1)
+    with pytest.raises(openai.RateLimitError):
+        limited.completions.create(model=model, prompt="hi", max_tokens=1)
+
+
+def test_logprobs_are_the_defended_distribution(server, client, model, reference, tokenizer):
+    prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    defense = {"mode": "poe", "gamma": GAMMA}
+    ids, tops, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=4, k=5)
+    assert len(ids) == 4 and all(len(t) >= 5 for t in tops)
+    worst_defended, min_gap_teacher = 0.0, float("inf")
+    for pos, top in enumerate(tops):
+        prefix = prompt + ids[:pos]
+        defended = reference.next_token_logprobs(prefix, defense)
+        teacher = reference.next_token_logprobs(prefix, {"mode": "none"})
+        assert ids[pos] == int(defended.argmax())  # greedy picks the defended argmax
+        worst_defended = max(worst_defended, max(abs(v - defended[t].item()) for t, v in top.items()))
+        min_gap_teacher = min(min_gap_teacher, max(abs(v - teacher[t].item()) for t, v in top.items()))
+        # The top-5 returned are the defended top-5.
+        assert set(sorted(top, key=top.get, reverse=True)[:5]) == set(defended.topk(5).indices.tolist())
+    assert worst_defended < 1e-4, worst_defended
+    assert min_gap_teacher > 1e-2, min_gap_teacher
+
+    # The "open" tier (mode none) gets the teacher itself: same path, different policy.
+    open_ids, open_tops, _ = _greedy_top_logprobs(_client(server, "sk-test-open"), model, prompt, max_tokens=1)
+    teacher = reference.next_token_logprobs(prompt, {"mode": "none"})
+    assert max(abs(v - teacher[t].item()) for t, v in open_tops[0].items()) < 1e-4
+
+
+def test_chat_logprobs_have_openai_shape(client, model):
+    r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=3, temperature=0.0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.token == entry.top_logprobs[0].token  # greedy
+        assert abs(entry.logprob - entry.top_logprobs[0].logprob) < 1e-6
+    with pytest.raises(openai.BadRequestError):  # the tier allows at most 5
+        client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, logprobs=True, top_logprobs=8)
+
+
+def test_prompt_logprobs_and_echo_with_logprobs_are_refused(client, model):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="hi", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    assert err.value.body["param"] == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="hi", max_tokens=1, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"
+    r = client.completions.create(model=model, prompt="Hello there", max_tokens=2, echo=True, temperature=0.0)
+    assert r.choices[0].text.startswith("Hello there")
+
+
+def test_client_disconnect_aborts_the_engine_request(server):
+    def tokens() -> float:
+        return metric_sum(httpx.get(f"{server.base_url}/metrics").text, "distillgame_fidelity_tokens_total", mode="poe")
+
+    body = {"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0.0, "stream": True,
+            "stop": [], "presence_penalty": 0.0}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
+                      headers={"Authorization": "Bearer sk-test-standard"}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    # The connection is closed now; the engine must stop decoding that request.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        if metric_sum(text, "distillgame_requests_total", status="aborted") >= 1 and \
+                metric_value(text, "distillgame_http_requests_in_flight") == 0:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail("the disconnected request was not counted as aborted")
+    before = tokens()
+    time.sleep(2.0)
+    assert tokens() == before  # nothing decoded after the abort (it would be ~15+ tok/s)
+
+
+def test_injected_proxy_failure_fails_closed_and_the_engine_recovers(server, client, model):
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    released_before = metric_sum(metrics, "distillgame_generation_tokens_total")
+    server.fault_file.touch()
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model=model, messages=PROMPT, max_tokens=8)
+        assert err.value.status_code == 500 and err.value.body["code"] == "engine_failed"
+        health = server.wait_health(want_ok=False, timeout=10)
+        assert health["status"] in ("failed", "restarting") and "died" in health["reason"]
+        # While the engine is down, requests are refused, not served undefended.
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model=model, prompt="hi", max_tokens=2)
+        assert err.value.status_code == 503
+    finally:
+        server.fault_file.unlink(missing_ok=True)
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert metric_sum(metrics, "distillgame_generation_tokens_total") == released_before
+    server.wait_health(want_ok=True, timeout=240)
+    r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4, temperature=0.0)
+    assert r.usage.completion_tokens >= 1
+    assert httpx.get(f"{server.base_url}/health").json()["restarts"] == 1
+
+
+def test_failure_mid_stream_ends_with_an_error_event(server, client, model):
+    stream = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=600, temperature=0.0,
+                                       stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            received.append(chunk)
+            if len(received) == 2:
+                server.fault_file.touch()
+    server.fault_file.unlink(missing_ok=True)
+    assert "no output was released" in str(err.value)
+    assert received and all(c.choices[0].finish_reason is None for c in received)
+    assert server.wait_health(want_ok=False, timeout=10)["status"] in ("failed", "restarting")
+    assert server.wait_health(want_ok=True, timeout=240)["restarts"] == 2
+
+
+def test_metrics_expose_the_families_after_traffic(server):
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert metric_sum(text, "distillgame_requests_total", tier="standard", mode="poe", status="ok") >= 5
+    assert metric_sum(text, "distillgame_requests_total", tier="open", mode="none", status="ok") >= 1
+    assert metric_sum(text, "distillgame_requests_total", status="error") >= 1
+    assert metric_sum(text, "distillgame_generation_tokens_total", tier="standard", mode="poe") > 10
+    assert metric_sum(text, "distillgame_prompt_tokens_total", mode="poe") > 10
+    ttft_count = metric_value(text, "distillgame_time_to_first_token_seconds_count", mode="poe")
+    ttft_sum = metric_value(text, "distillgame_time_to_first_token_seconds_sum", mode="poe")
+    assert ttft_count >= 5 and 0 < ttft_sum / ttft_count < 60
+    tpot_sum = metric_value(text, "distillgame_time_per_output_token_seconds_sum", mode="poe")
+    assert 0 < tpot_sum < 60
+    assert metric_value(text, "distillgame_requests_running") is not None
+    assert metric_value(text, "distillgame_requests_waiting") is not None
+    kl = metric_value(text, "distillgame_fidelity_kl_per_token", mode="poe")
+    agree = metric_value(text, "distillgame_fidelity_argmax_agreement", mode="poe")
+    assert kl is not None and kl > 0
+    assert agree is not None and 0 <= agree <= 1
+    assert metric_value(text, "distillgame_engine_restarts_total") >= 1
+
+
+def test_sigterm_drains_in_flight_requests(server, model):
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            r = _client(server).completions.create(model=model, prompt="Once upon a time", max_tokens=24,
+                                                   temperature=0.0)
+            result["tokens"] = r.usage.completion_tokens
+        except Exception as exc:  # recorded for the assertion below
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.0)
+    code = server.stop(timeout=120)
+    t.join(timeout=60)
+    assert result.get("tokens") == 24, result
+    assert code == 0, server.log_tail()
