@@ -1,0 +1,416 @@
+"""Table 1 in one command: collect, distill passive and adaptive, evaluate, tabulate.
+
+For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
+
+1. collect training traces (sampled) and the teacher's test answers (greedy)
+   through the endpoint, with the API key whose tier fixes that defense;
+2. distill a passive and an adaptive student from the same traces, for each of
+   S seeds (same data order, seed and steps: only the weights differ);
+3. score every student on the test split with ``distillgame eval``;
+
+then write ``table1.md``, ``table1.json`` (teacher/passive/adaptive accuracy as
+``{mean, sem, n}``, ``rel_gain``, ``time_cost``, ``student_base_acc``, the
+exact ``command`` and the configuration) and, with ``--sweep``, the
+utility-leakage frontier ``frontier.png``.
+
+By default it starts our own ``distillgame serve`` with a policy that gives one
+key per setting; with ``base_url`` it attacks a running endpoint instead (each
+setting then names its ``api_key``). Stages resume: finished traces, students
+and evaluations found in ``out`` are reused.
+
+Not for: the attack primitives themselves (``collect``, ``distill``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .collect import CollectConfig, collect, read_records
+from .distill import DistillConfig, distill
+
+log = logging.getLogger(__name__)
+
+ZOO = Path(__file__).resolve().parents[2] / "bench" / "zoo"
+
+
+@dataclass
+class Setting:
+    """One teacher operating point: a name and the defense its tier fixes."""
+
+    name: str
+    defense: dict[str, Any]
+    api_key: str | None = None  # only for an external endpoint
+
+    @property
+    def label(self) -> str:
+        mode = self.defense.get("mode", "none")
+        if mode == "none":
+            return "Standard"
+        params = ", ".join(f"{k}={v}" for k, v in self.defense.items() if k != "mode")
+        return f"{mode.upper()} ({params})"
+
+
+def parse_settings(spec: str) -> list[Setting]:
+    """``"none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4"`` -> settings."""
+    out = []
+    for part in filter(None, (s.strip() for s in spec.split(";"))):
+        mode, _, params = part.partition(":")
+        defense: dict[str, Any] = {"mode": mode}
+        for kv in filter(None, params.split(",")):
+            k, v = kv.split("=")
+            defense[k.strip()] = float(v)
+        name = mode if not params else f"{mode}-" + "-".join(f"{k}{v:g}" for k, v in defense.items() if k != "mode")
+        out.append(Setting(name=name, defense=defense))
+    return out
+
+
+@dataclass
+class TableConfig:
+    out: Path
+    teacher: str | None = str(ZOO / "teacher")  # None: the server's embedded default
+    proxy: str | None = str(ZOO / "proxy")
+    student: str = str(ZOO / "student-base")
+    ads_grad: str | None = None
+    task: str = "gsm-symbolic-easy"
+    settings: list[Setting] = field(
+        default_factory=lambda: parse_settings("none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4")
+    )
+    sweep: bool = False
+    sweep_gamma: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.65, 0.8])
+    sweep_lam: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    seeds: int = 3
+    n_train: int = 1000
+    n_test: int = 500
+    n_val: int = 32
+    max_tokens: int = 256
+    temperature: float = 1.0
+    concurrency: int = 16
+    # distillation (paper defaults are in DistillConfig; these are the zoo's)
+    rank: int = 16
+    lr: float = 5e-4
+    epochs: float = 3.0
+    batch_size: int = 6
+    grad_accum: int = 4
+    max_length: int = 512
+    rho: float = 0.1
+    val_every: int = 1
+    threads: int = 1
+    # endpoint
+    base_url: str | None = None
+    serve_args: list[str] = field(
+        default_factory=lambda: ["--max-model-len", "1024", "--memory-share", "0.1", "--kv-cache-gib", "0.25"]
+    )
+    eval_args: list[str] = field(default_factory=lambda: ["--memory-share", "0.1", "--max-model-len", "1024"])
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.settings = [s if isinstance(s, Setting) else Setting(**s) for s in self.settings]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TableConfig":
+        data: dict[str, Any] = {}
+        if args.config:
+            text = Path(args.config).read_text()
+            if str(args.config).endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        for key in ("teacher", "proxy", "student", "task", "seeds", "n_train", "n_test", "n_val", "max_tokens",
+                    "epochs", "rank", "lr", "batch_size", "grad_accum", "max_length", "rho", "base_url"):
+            value = getattr(args, key, None)
+            if value is not None:
+                data[key] = None if value == "default" else value
+        if args.settings:
+            data["settings"] = parse_settings(args.settings)
+        data["sweep"] = bool(args.sweep or data.get("sweep", False))
+        if args.ads_grad:
+            data["ads_grad"] = args.ads_grad
+        data["out"] = args.out
+        data["command"] = "distillgame " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        return cls(**data)
+
+    def all_settings(self) -> list[Setting]:
+        settings = list(self.settings)
+        if self.sweep:
+            settings += [Setting(f"poe-gamma{g:g}", {"mode": "poe", "gamma": g}) for g in self.sweep_gamma]
+            if self.ads_grad:
+                settings += [Setting(f"ads-lam{x:g}", {"mode": "ads", "lam": x, "eps": 1e-4}) for x in self.sweep_lam]
+        unique: dict[str, Setting] = {}
+        for s in settings:
+            unique.setdefault(s.name, s)
+        if not self.ads_grad and self.base_url is None:
+            dropped = [s.name for s in unique.values() if s.defense.get("mode") == "ads"]
+            if dropped:
+                log.warning("no --ads-grad for the server: skipping ADS settings %s", dropped)
+            unique = {k: s for k, s in unique.items() if s.defense.get("mode") != "ads"}
+        if "none" not in unique:  # time cost is relative to the undefended teacher
+            unique = {"none": Setting("none", {"mode": "none"}), **unique}
+        return list(unique.values())
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_policy(path: Path, settings: list[Setting]) -> dict[str, str]:
+    """One tier and one key per setting; returns setting name -> key."""
+    lines, keys = [], {}
+    for s in settings:
+        params = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.defense.items())
+        lines += [f'[tiers."{s.name}"]', f"defense = {{ {params} }}", "max_tokens = 4096",
+                  "requests_per_minute = 1000000", ""]
+        keys[s.name] = f"sk-attack-{s.name}"
+    for s in settings:
+        lines += ["[[keys]]", f'key = "{keys[s.name]}"', f'tier = "{s.name}"', ""]
+    path.write_text("\n".join(lines))
+    return keys
+
+
+class Server:
+    """``distillgame serve`` as a subprocess, ready when /health answers 200."""
+
+    def __init__(self, cfg: TableConfig, settings: list[Setting]) -> None:
+        self.port = _free_port()
+        policy = cfg.out / "policy.toml"
+        self.keys = write_policy(policy, settings)
+        cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(self.port),
+               "--served-model-name", "teacher", *cfg.serve_args]
+        if cfg.teacher:
+            cmd += ["--teacher", cfg.teacher]
+        if cfg.proxy:
+            cmd += ["--proxy", cfg.proxy]
+        if cfg.ads_grad:
+            cmd += ["--ads-grad", cfg.ads_grad]
+        self.log_path = cfg.out / "server.log"
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._wait_ready(timeout=600)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.close()
+        raise TimeoutError(f"server not ready after {timeout}s; see {self.log_path}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def eval_student(model: str, cfg: TableConfig, out_dir: Path) -> float:
+    """``distillgame eval`` in its own process: its vLLM engine and memory go away with it."""
+    summary = out_dir / "summary.json"
+    if not summary.exists():
+        cmd = [sys.executable, "-m", "distillgame.cli", "eval", "--model", model, "--task", cfg.task,
+               "--split", "test", "--n", str(cfg.n_test), "--max-tokens", str(cfg.max_tokens),
+               "--out", str(out_dir), *cfg.eval_args]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "eval.log", "w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return float(json.loads(summary.read_text())["accuracy"])
+
+
+def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: str) -> dict:
+    d = cfg.out / setting.name
+    common = dict(base_url=base_url, api_key=api_key, model="teacher" if cfg.base_url is None else _first_model(base_url, api_key),
+                  task=cfg.task, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
+    traces = collect(CollectConfig(split="train", n=cfg.n_train, out=d / "traces.jsonl",
+                                   temperature=cfg.temperature, seed=0, **common))
+    teacher = collect(CollectConfig(split="test", n=cfg.n_test, out=d / "teacher_test.jsonl",
+                                    temperature=0.0, **common))
+    return {"traces": traces, "teacher": teacher}
+
+
+def _first_model(base_url: str, api_key: str) -> str:
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key).models.list().data[0].id
+
+
+def distill_setting(cfg: TableConfig, setting: Setting) -> dict[str, list[float]]:
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    d = cfg.out / setting.name
+    acc: dict[str, list[float]] = {"passive": [], "adaptive": []}
+    for seed in range(cfg.seeds):
+        for mode in ("passive", "adaptive"):
+            run = d / f"{mode}-seed{seed}"
+            if not (run / "summary.json").exists():
+                dcfg = DistillConfig(student=cfg.student, out=run, mode=mode, rho=cfg.rho, val_every=cfg.val_every,
+                                     rank=cfg.rank, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                     grad_accum=cfg.grad_accum, max_length=cfg.max_length, seed=seed)
+                distill(dcfg, d / "traces.jsonl", val_task=cfg.task, val_split="validation", val_n=cfg.n_val)
+            acc[mode].append(eval_student(str(run / "merged"), cfg, run / "eval"))
+            log.info("%s %s seed %d: accuracy %.3f", setting.name, mode, seed, acc[mode][-1])
+    return acc
+
+
+# ---------------------------------------------------------------- the table
+
+
+def mean_sem(xs: list[float]) -> dict[str, float | int]:
+    n = len(xs)
+    mean = sum(xs) / n
+    sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": mean, "sem": sem, "n": n}
+
+
+def _pct(m: dict) -> str:
+    return f"{100 * m['mean']:.2f}% ± {100 * m['sem']:.2f}"
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    rows = [
+        f"# Table 1 ({result['config']['task']}, {result['config']['seeds']} seeds)",
+        "",
+        f"Student base accuracy: {100 * result['student_base_acc']:.2f}%",
+        "",
+        "| Teacher | Teacher Acc. ↑ | Passive Acc. ↓ | Adaptive Acc. ↓ | Rel. Gain | Time Cost |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        gain = "n/a" if r["rel_gain"] is None else f"{100 * r['rel_gain']:.2f}%"
+        rows.append(f"| {r['label']} | {_pct(r['teacher_acc'])} | {_pct(r['passive_acc'])} | "
+                    f"{_pct(r['adaptive_acc'])} | {gain} | {r['time_cost']:.2f}× |")
+    rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
+             "Rel. gain = adaptive / passive - 1. Time cost = summed request latency of trace generation relative to the "
+             "undefended teacher (same prompts, same concurrency).", "", f"Command: `{result['command']}`", ""]
+    path.write_text("\n".join(rows))
+
+
+def draw_frontier(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["defense"].get("mode", "none"), []).append(r)
+    colors = {"none": "black", "poe": "tab:blue", "ads": "tab:red"}
+    for mode, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["teacher_acc"]["mean"])
+        x = [100 * r["teacher_acc"]["mean"] for r in rs]
+        for kind, style in (("passive", "--o"), ("adaptive", "-s")):
+            y = [100 * r[f"{kind}_acc"]["mean"] for r in rs]
+            e = [100 * r[f"{kind}_acc"]["sem"] for r in rs]
+            ax.errorbar(x, y, yerr=e, fmt=style, color=colors.get(mode, "gray"), capsize=3,
+                        label=f"{mode} / {kind}")
+    ax.set_xlabel("teacher accuracy (%)  → utility")
+    ax.set_ylabel("student accuracy (%)  → leakage")
+    ax.set_title("Utility-leakage frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def run_table(cfg: TableConfig) -> dict:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    settings = cfg.all_settings()
+    t_start = time.perf_counter()
+
+    collected: dict[str, dict] = {}
+    server = Server(cfg, settings) if cfg.base_url is None else None
+    try:
+        for s in settings:
+            base_url = server.base_url if server else cfg.base_url
+            key = server.keys[s.name] if server else (s.api_key or "EMPTY")
+            log.info("collecting %s through %s", s.name, base_url)
+            collected[s.name] = collect_setting(cfg, s, base_url, key)
+    finally:
+        if server:
+            server.close()  # frees the engine's memory for training and evaluation
+
+    base_acc = eval_student(cfg.student, cfg, cfg.out / "student-base" / "eval")
+    accs = {s.name: distill_setting(cfg, s) for s in settings}
+
+    wall_none = collected["none"]["traces"]["latency_s_sum"] if "none" in collected else None
+    rows = []
+    for s in settings:
+        c = collected[s.name]
+        t = c["teacher"]
+        p = t["accuracy"]
+        passive, adaptive = mean_sem(accs[s.name]["passive"]), mean_sem(accs[s.name]["adaptive"])
+        # Resumed collections have partial per-run wall times; summed request latencies
+        # over the same prompts at the same concurrency are the comparable quantity.
+        wall = c["traces"]["latency_s_sum"]
+        tokens = max(1, c["traces"]["completion_tokens"])
+        tokens_none = max(1, collected["none"]["traces"]["completion_tokens"])
+        rows.append({
+            "teacher": s.name,
+            "label": s.label,
+            "defense": s.defense,
+            "teacher_acc": {"mean": p, "sem": math.sqrt(p * (1 - p) / t["n_records"]), "n": t["n_records"]},
+            "passive_acc": passive,
+            "adaptive_acc": adaptive,
+            "passive_runs": accs[s.name]["passive"],
+            "adaptive_runs": accs[s.name]["adaptive"],
+            "rel_gain": (adaptive["mean"] / passive["mean"] - 1.0) if passive["mean"] > 0 else None,
+            "time_cost": wall / wall_none if wall_none else None,
+            "time_cost_per_token": (wall / tokens) / (wall_none / tokens_none) if wall_none else None,
+            "trace_accuracy": c["traces"]["accuracy"],
+            "trace_tokens": c["traces"]["completion_tokens"],
+        })
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    result = {
+        "student_base_acc": base_acc,
+        "command": cfg.command,
+        "rows": rows,
+        "config": config,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    main = [r for r in rows if r["teacher"] in {s.name for s in cfg.settings} | {"none"}]
+    table = {**result, "rows": main}
+    (cfg.out / "table1.json").write_text(json.dumps(table, indent=2))
+    write_markdown(cfg.out / "table1.md", table)
+    out = {"markdown": str(cfg.out / "table1.md"), "json": str(cfg.out / "table1.json"), **table}
+    if cfg.sweep:
+        (cfg.out / "frontier.json").write_text(json.dumps(result, indent=2))
+        draw_frontier(cfg.out / "frontier.png", rows)
+        out["frontier"] = str(cfg.out / "frontier.png")
+    return out
