@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ads-grad", default=None, help="proxy gradient file for ADS tiers (.safetensors)")
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="PoE weight for the no-policy default (default 0.65, the paper's setting); "
+                        "ignored with --policy")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: teacher folder name)")
@@ -50,10 +53,13 @@ def serve(args: argparse.Namespace) -> int:
     from distillgame.engine import EngineConfig
     from distillgame.server.app import ServerState, create_app
     from distillgame.server.metrics import ServerMetrics
-    from distillgame.server.policy import load_policy
+    from distillgame.server.policy import DEFAULT_GAMMA, default_policy, load_policy
     from distillgame.server.supervisor import EngineOptions, EngineSupervisor
 
-    policy = load_policy(args.policy)
+    if args.policy is None:
+        policy = default_policy(DEFAULT_GAMMA if args.gamma is None else args.gamma)
+    else:
+        policy = load_policy(args.policy)
     if args.ads_grad is None and any(t.defense.mode == "ads" for t in policy.tiers.values()):
         # Otherwise the first ADS request would fail inside the engine and take it down.
         logger.error("the policy has an ADS tier but no --ads-grad was given")

@@ -19,9 +19,20 @@ def test_default_policy_needs_no_key_and_defends_with_poe():
     policy = default_policy()
     tier = policy.authenticate(None)
     assert tier.defense.extra_args() == {"distillgame": {"mode": "poe", "gamma": 0.65}}
-    # An unknown key is still refused: a key the provider never issued is a mistake worth surfacing.
+    # SDKs always send some key; with no keys configured it is ignored, not a 401.
+    assert policy.authenticate("none") is tier
+
+
+def test_unknown_key_is_refused_even_with_an_anonymous_tier(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('anonymous_tier = "free"\n[tiers.free]\ndefense = { mode = "poe", gamma = 0.9 }\n'
+                    '[tiers.paid]\ndefense = { mode = "poe", gamma = 0.5 }\n[[keys]]\nkey = "sk-paid"\ntier = "paid"\n')
+    policy = load_policy(path)
+    assert policy.authenticate(None).name == "free"
+    assert policy.authenticate("sk-paid").name == "paid"
+    # A key the provider never issued is a mistake worth surfacing, not a silent downgrade.
     with pytest.raises(AuthError):
-        policy.authenticate("sk-anything")
+        policy.authenticate("sk-pai")
 
 
 def test_example_policy_maps_plain_and_hashed_keys_to_tiers():
