@@ -143,3 +143,15 @@ def test_collect_resumes_after_sigkill_without_duplicates(endpoint, problems_fil
     again = subprocess.run(collect_cmd(base_url, problems_file, out), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and len(lines(out)) == N_PROBLEMS
     assert sum(counts.values()) == before
+
+
+def test_attack_eval_scores_the_teacher_through_its_endpoint(endpoint, problems_file, tmp_path):
+    base_url, _ = endpoint
+    cmd = [sys.executable, "-m", "distillgame.cli", "attack", "eval", "--base-url", base_url,
+           "--task", f"jsonl:{problems_file}", "--split", "test", "--n", "10", "--out", str(tmp_path / "teacher")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "teacher" / "teacher.jsonl.summary.json").read_text())
+    assert summary["n_records"] == 10 and summary["accuracy"] == 1.0
+    assert summary["model"] == "toy-teacher"  # discovered from /v1/models
+    assert summary["sampling"]["temperature"] == 0.0  # teacher accuracy is greedy

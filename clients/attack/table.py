@@ -262,6 +262,21 @@ def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: 
     return {"traces": traces, "teacher": teacher}
 
 
+def _collected(cfg: TableConfig, setting: Setting) -> dict | None:
+    """The summaries of a finished collection (a rerun skips the server for it), else None."""
+    d = cfg.out / setting.name
+    out = {}
+    for key, name, n in (("traces", "traces.jsonl", cfg.n_train), ("teacher", "teacher_test.jsonl", cfg.n_test)):
+        path = d / f"{name}.summary.json"
+        if not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        if summary["n_records"] < n:
+            return None
+        out[key] = summary
+    return out
+
+
 def _first_model(base_url: str, api_key: str) -> str:
     import openai
 
@@ -354,10 +369,11 @@ def run_table(cfg: TableConfig) -> dict:
     settings = cfg.all_settings()
     t_start = time.perf_counter()
 
-    collected: dict[str, dict] = {}
-    server = Server(cfg, settings) if cfg.base_url is None else None
+    collected: dict[str, dict] = {s.name: done for s in settings if (done := _collected(cfg, s)) is not None}
+    todo = [s for s in settings if s.name not in collected]
+    server = Server(cfg, settings) if cfg.base_url is None and todo else None
     try:
-        for s in settings:
+        for s in todo:
             base_url = server.base_url if server else cfg.base_url
             key = server.keys[s.name] if server else (s.api_key or "EMPTY")
             log.info("collecting %s through %s", s.name, base_url)
