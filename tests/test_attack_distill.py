@@ -134,6 +134,34 @@ def test_eta_zero_reproduces_passive_run_bit_for_bit(tmp_path):
     assert any(not torch.equal(finals["passive"][n], finals["adaptive"][n]) for n in finals["passive"])
 
 
+def pattern_examples(n: int, seed: int) -> list[Example]:
+    """Arithmetic progressions (stride 3): a structured 'task' the validation set is made of."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        start = int(torch.randint(1, VOCAB, (1,), generator=g))
+        ids = [1 + (start + 3 * k - 1) % (VOCAB - 1) for k in range(14)]
+        out.append(Example(input_ids=ids, labels=[-100] * 4 + ids[4:], id=f"pat{i}"))
+    return out
+
+
+def test_tilt_moves_mass_to_traces_like_the_validation_solutions(tmp_path):
+    from distillgame.clients.attack.distill import collate, example_values, validation_grad
+
+    cfg = config(tmp_path, mode="adaptive", rho=0.3)
+    masses = []
+    for seed in range(4):
+        model = add_lora(tiny_llama(seed), cfg)
+        batch = collate(pattern_examples(6, 10 + seed) + random_examples(6, 20 + seed), PAD)
+        g_val = validation_grad(model, pattern_examples(4, 30 + seed), PAD, 4)
+        v = example_values(model, batch, g_val)
+        w = tilt_weights(v, eta_for_budget(v, cfg.rho))
+        assert v[:6].mean() > v[6:].mean()
+        masses.append(float(w[:6].sum()))
+    # Uniform weights would give the six structured traces mass 0.5.
+    assert min(masses) > 0.5 and sum(masses) / len(masses) > 0.6
+
+
 @pytest.mark.parametrize("mode", ["passive", "adaptive"])
 def test_defaults_follow_the_paper(mode, tmp_path):
     cfg = DistillConfig(student="x", out=tmp_path, mode=mode)

@@ -288,7 +288,7 @@ def train(
         if adaptive and step % cfg.val_every == 0:
             g_val = validation_grad(model, val_set, pad_id, cfg.batch_size)
         optimizer.zero_grad(set_to_none=True)
-        row: dict[str, Any] = {"step": step, "loss": 0.0, "eta": [], "kl": [], "w_max": []}
+        row: dict[str, Any] = {"step": step, "loss": 0.0, "nll": 0.0, "eta": [], "kl": [], "w_max": []}
         for micro in range(cfg.grad_accum):
             idx = next(batches, None)
             if idx is None:
@@ -307,6 +307,7 @@ def train(
             loss = (w.to(nll.dtype) * nll).sum() / cfg.grad_accum  # <- the weights enter the loss here
             loss.backward()
             row["loss"] += loss.item()
+            row["nll"] += nll.mean().item() / cfg.grad_accum  # unweighted, comparable across modes
             row["eta"].append(eta)
             row["kl"].append(kl_to_uniform(w))
             row["w_max"].append(float(w.max()))
