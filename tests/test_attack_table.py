@@ -71,12 +71,12 @@ def test_attack_table_smoke_writes_table1(tmp_path):
 
     # Same traces for both students; the adaptive one really tilted its weights.
     for setting in ("none", "poe-gamma0.65"):
-        traces = [json.loads(x) for x in (out / setting / "traces.jsonl").read_text().splitlines()]
+        traces = [json.loads(x) for x in (out / "runs" / setting / "traces.jsonl").read_text().splitlines()]
         assert len({t["id"] for t in traces}) == len(traces) == 6
-        passive = json.loads((out / setting / "passive-seed0" / "summary.json").read_text())
-        adaptive = json.loads((out / setting / "adaptive-seed0" / "summary.json").read_text())
+        passive = json.loads((out / "runs" / setting / "passive-seed0" / "summary.json").read_text())
+        adaptive = json.loads((out / "runs" / setting / "adaptive-seed0" / "summary.json").read_text())
         assert passive["steps"] == adaptive["steps"] and passive["n_train"] == adaptive["n_train"]
-        rows = [json.loads(x) for x in (out / setting / "adaptive-seed0" / "log.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (out / "runs" / setting / "adaptive-seed0" / "log.jsonl").read_text().splitlines()]
         assert all(abs(kl - 0.1) < 1e-6 for row in rows for kl in row["kl"])
 
 

@@ -11,12 +11,13 @@ For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
 then write ``table1.md``, ``table1.json`` (teacher/passive/adaptive accuracy as
 ``{mean, sem, n}``, ``rel_gain``, ``time_cost``, ``student_base_acc``, the
 exact ``command`` and the configuration) and, with ``--sweep``, the
-utility-leakage frontier ``frontier.png``.
+utility-leakage frontier ``frontier.png``, into ``out``; traces, students and
+evaluations go to ``work`` (default ``out/runs``), which is not for committing.
 
 By default it starts our own ``distillgame serve`` with a policy that gives one
 key per setting; with ``base_url`` it attacks a running endpoint instead (each
 setting then names its ``api_key``). Stages resume: finished traces, students
-and evaluations found in ``out`` are reused.
+and evaluations found in ``work`` are reused.
 
 Not for: the attack primitives themselves (``collect``, ``distill``).
 """
@@ -80,7 +81,8 @@ def parse_settings(spec: str) -> list[Setting]:
 
 @dataclass
 class TableConfig:
-    out: Path
+    out: Path  # table1.md, table1.json, frontier.png
+    work: Path | None = None  # traces, students, evaluations (default: out/runs)
     teacher: str | None = str(ZOO / "teacher")  # None: the server's embedded default
     proxy: str | None = str(ZOO / "proxy")
     student: str = str(ZOO / "student-base")
@@ -119,6 +121,7 @@ class TableConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self.work = Path(self.work) if self.work else self.out / "runs"
         self.settings = [s if isinstance(s, Setting) else Setting(**s) for s in self.settings]
 
     @classmethod
@@ -143,6 +146,8 @@ class TableConfig:
         if args.ads_grad:
             data["ads_grad"] = args.ads_grad
         data["out"] = args.out
+        if args.work:
+            data["work"] = args.work
         data["command"] = "distillgame " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         return cls(**data)
 
@@ -193,7 +198,7 @@ class Server:
 
     def __init__(self, cfg: TableConfig, settings: list[Setting]) -> None:
         self.port = _free_port()
-        policy = cfg.out / "policy.toml"
+        policy = cfg.work / "policy.toml"
         self.keys = write_policy(policy, settings)
         cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(self.port),
                "--served-model-name", "teacher", *cfg.serve_args]
@@ -203,7 +208,7 @@ class Server:
             cmd += ["--proxy", cfg.proxy]
         if cfg.ads_grad:
             cmd += ["--ads-grad", cfg.ads_grad]
-        self.log_path = cfg.out / "server.log"
+        self.log_path = cfg.work / "server.log"
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -252,7 +257,7 @@ def eval_student(model: str, cfg: TableConfig, out_dir: Path) -> float:
 
 
 def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: str) -> dict:
-    d = cfg.out / setting.name
+    d = cfg.work / setting.name
     common = dict(base_url=base_url, api_key=api_key, model="teacher" if cfg.base_url is None else _first_model(base_url, api_key),
                   task=cfg.task, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
     traces = collect(CollectConfig(split="train", n=cfg.n_train, out=d / "traces.jsonl",
@@ -264,7 +269,7 @@ def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: 
 
 def _collected(cfg: TableConfig, setting: Setting) -> dict | None:
     """The summaries of a finished collection (a rerun skips the server for it), else None."""
-    d = cfg.out / setting.name
+    d = cfg.work / setting.name
     out = {}
     for key, name, n in (("traces", "traces.jsonl", cfg.n_train), ("teacher", "teacher_test.jsonl", cfg.n_test)):
         path = d / f"{name}.summary.json"
@@ -287,7 +292,7 @@ def distill_setting(cfg: TableConfig, setting: Setting) -> dict[str, list[float]
     import torch
 
     torch.set_num_threads(cfg.threads)
-    d = cfg.out / setting.name
+    d = cfg.work / setting.name
     acc: dict[str, list[float]] = {"passive": [], "adaptive": []}
     for seed in range(cfg.seeds):
         for mode in ("passive", "adaptive"):
@@ -366,6 +371,7 @@ def draw_frontier(path: Path, rows: list[dict]) -> None:
 
 def run_table(cfg: TableConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
+    cfg.work.mkdir(parents=True, exist_ok=True)
     settings = cfg.all_settings()
     t_start = time.perf_counter()
 
@@ -382,7 +388,7 @@ def run_table(cfg: TableConfig) -> dict:
         if server:
             server.close()  # frees the engine's memory for training and evaluation
 
-    base_acc = eval_student(cfg.student, cfg, cfg.out / "student-base" / "eval")
+    base_acc = eval_student(cfg.student, cfg, cfg.work / "student-base" / "eval")
     accs = {s.name: distill_setting(cfg, s) for s in settings}
 
     wall_none = collected["none"]["traces"]["latency_s_sum"] if "none" in collected else None
