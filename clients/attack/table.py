@@ -114,9 +114,9 @@ class TableConfig:
     # endpoint
     base_url: str | None = None
     serve_args: list[str] = field(
-        default_factory=lambda: ["--max-model-len", "1024", "--memory-share", "0.1", "--kv-cache-gib", "0.25"]
+        default_factory=lambda: ["--max-model-len", "512", "--memory-share", "0.1", "--kv-cache-gib", "0.25"]
     )
-    eval_args: list[str] = field(default_factory=lambda: ["--memory-share", "0.1", "--max-model-len", "1024"])
+    eval_args: list[str] = field(default_factory=lambda: ["--memory-share", "0.1", "--max-model-len", "512"])
     command: str = ""
 
     def __post_init__(self) -> None:
