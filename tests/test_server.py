@@ -299,6 +299,26 @@ def test_client_disconnect_aborts_the_engine_request(server):
     assert tokens() == before  # nothing decoded after the abort (it would be ~15+ tok/s)
 
 
+def test_non_streaming_client_timeout_aborts_the_engine_request(server):
+    def snapshot() -> tuple[float, float]:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return (metric_sum(text, "distillgame_requests_total", status="aborted"),
+                metric_sum(text, "distillgame_fidelity_tokens_total", mode="poe"))
+
+    aborted_before, _ = snapshot()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", timeout=1.5,
+                   json={"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0.0},
+                   headers={"Authorization": "Bearer sk-test-standard"})
+    deadline = time.monotonic() + 20
+    while snapshot()[0] < aborted_before + 1:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.25)
+    _, tokens = snapshot()
+    time.sleep(2.0)
+    assert snapshot()[1] == tokens
+
+
 def test_injected_proxy_failure_fails_closed_and_the_engine_recovers(server, client, model):
     metrics = httpx.get(f"{server.base_url}/metrics").text
     released_before = metric_sum(metrics, "distillgame_generation_tokens_total")
