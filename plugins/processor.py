@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from distillgame.plugins.mixing import (
@@ -158,7 +159,11 @@ class DefenseLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        parse_defense(sampling_params.extra_args)
+        try:
+            parse_defense(sampling_params.extra_args)
+        except ValueError as exc:
+            param = str(exc).split(" ", 1)[0]
+            raise VLLMValidationError(str(exc), parameter=param) from exc
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
         section = defense_section(vllm_config)

