@@ -113,7 +113,7 @@ def create_app(state: ServerState) -> FastAPI:
                 await state.supervisor.start()
             except Exception as exc:
                 logger.exception("engine failed to start")
-                state.supervisor._set("failed", f"engine failed to start: {exc}")
+                state.supervisor.mark_failed(f"engine failed to start: {exc}")
                 if state.on_fatal:
                     state.on_fatal(str(exc))
 

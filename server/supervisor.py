@@ -90,8 +90,8 @@ class EngineSupervisor:
         log("engine %s%s", status, f": {reason}" if reason else "")
 
     def mark_failed(self, reason: str) -> None:
-        """Report a dead engine seen by a request; the watcher does the rebuild."""
-        if self._state.status == "ready":
+        """Report a dead engine (seen by a request, or a failed first start); the watcher does any rebuild."""
+        if self._state.status in ("ready", "starting"):
             self._set("failed", reason)
 
     def live_engine(self) -> Any:
