@@ -34,6 +34,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from distillgame.plugins.ads_grad import load_gradient
 from distillgame.plugins.mixing import (
     EXTRA_ARGS_KEY,
     MODE_INDEX,
@@ -108,29 +109,6 @@ def check_same_tokenizer(teacher: str, proxy: str) -> None:
         )
 
 
-def load_ads_grad(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Load the proxy's downstream-loss gradient and check it matches ``model``."""
-    from safetensors.torch import load_file
-
-    grad = load_file(path)
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(grad))
-    extra = sorted(set(grad) - set(params))
-    if missing or extra:
-        raise ValueError(
-            f"ADS gradient {path} does not match the proxy: "
-            f"{len(missing)} proxy parameters missing (e.g. {missing[:2]}), "
-            f"{len(extra)} unknown names (e.g. {extra[:2]}); was it computed for another model?"
-        )
-    for name, p in params.items():
-        if tuple(grad[name].shape) != tuple(p.shape):
-            raise ValueError(
-                f"ADS gradient {path} does not match the proxy: {name} has shape "
-                f"{tuple(grad[name].shape)}, the proxy's is {tuple(p.shape)}"
-            )
-    return grad
-
-
 @dataclass
 class _Row:
     defense: Defense
@@ -197,7 +175,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.settings.initial_cache_len)
         teacher_vocab = model_config.get_vocab_size()
         self.vocab = min(teacher_vocab, self.proxy.vocab_size)
-        self.ads_grad = load_ads_grad(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
+        self.ads_grad = load_gradient(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
         self.ads_pairs: dict[float, _AdsPair] = {}
 
         n_modes = len(MODES)

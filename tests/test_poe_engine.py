@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from safetensors.torch import load_file
 
 from distillgame.engine import EngineConfig, build_llm
 from distillgame.plugins.reference import ReferenceModels
@@ -35,24 +36,6 @@ def _jobs(seed: int, n: int, vocab: int) -> list[Job]:
             )
         )
     return jobs
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_pair):
-    teacher, proxy = tiny_pair
-    llm = build_llm(
-        EngineConfig(
-            teacher=str(teacher),
-            proxy=str(proxy),
-            dtype="float32",
-            max_model_len=256,
-            max_num_seqs=16,
-            memory_share=0.12,
-            disable_log_stats=False,
-        )
-    )
-    yield llm
-    shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +93,16 @@ def test_fidelity_counters_track_defended_tokens(tiny_llm):
     assert 0 <= after["argmax_agree"] - before["argmax_agree"] <= 7
 
 
-def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_llm):
-    """A KV cache of 4 blocks forces preemption; with proxy == teacher PoE must equal none."""
+def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_grads, tiny_llm):
+    """A KV cache of 4 blocks forces preemption; PoE, ADS and none rows still match the oracle,
+    and with proxy == teacher PoE releases exactly the teacher's distribution."""
     teacher, _ = tiny_pair
     block = tiny_llm.llm_engine.vllm_config.cache_config.block_size
-    shutdown_needed = build_llm(
+    small = build_llm(
         EngineConfig(
             teacher=str(teacher),
             proxy=str(teacher),
+            ads_grad=str(tiny_grads["teacher"]),
             dtype="float32",
             max_model_len=2 * block,
             max_num_seqs=16,
@@ -128,15 +113,17 @@ def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair
     )
     try:
         jobs = _jobs(seed=1, n=5, vocab=380)
+        jobs[4].defense = {"mode": "ads", "lam": 0.1, "eps": 1e-2}
         for job in jobs:
             # Every row crosses a block boundary, so rows admitted with one
             # block each must later evict one another.
             job.max_tokens = block + 12 - len(job.prompt)
             job.arrive_at_step = 0
-        run_staggered(shutdown_needed, jobs)
-        assert num_preemptions(shutdown_needed) > 0
-        ref = ReferenceModels(teacher, teacher)
+        run_staggered(small, jobs)
+        assert num_preemptions(small) > 0
+        ref = ReferenceModels(teacher, teacher, ads_grad=load_file(str(tiny_grads["teacher"])))
         assert worst_error(ref, jobs) < TOL
-        assert worst_error(ref, jobs, defense_override={"mode": "none"}) < TOL
+        not_ads = [j for j in jobs if j.defense["mode"] != "ads"]
+        assert worst_error(ref, not_ads, defense_override={"mode": "none"}) < TOL
     finally:
-        shutdown(shutdown_needed)
+        shutdown(small)
