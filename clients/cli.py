@@ -105,6 +105,12 @@ def _endpoint_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", default=None, help="model id (default: the endpoint's first /v1/models entry)")
 
 
+def _quiet_http() -> None:
+    # One INFO line per request from the SDK's HTTP client drowns the progress bar.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _model_id(base_url: str, api_key: str, model: str | None) -> str:
     if model:
         return model
@@ -116,6 +122,7 @@ def _model_id(base_url: str, api_key: str, model: str | None) -> str:
 def _collect(args: argparse.Namespace) -> int:
     from distillgame.clients.attack.collect import CollectConfig, collect
 
+    _quiet_http()
     cfg = CollectConfig(
         base_url=args.base_url, api_key=args.api_key, model=_model_id(args.base_url, args.api_key, args.model),
         task=args.task, split=args.split, n=args.n, out=args.out, api=args.api, max_tokens=args.max_tokens,
@@ -151,6 +158,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from distillgame.clients.attack.evaluation import student_accuracy, teacher_accuracy
 
+    _quiet_http()
     if (args.student is None) == (args.base_url is None):
         log.error("give exactly one of --student (a model folder) or --base-url (an endpoint)")
         return 2
@@ -168,6 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _table(args: argparse.Namespace) -> int:
     from distillgame.clients.attack.table import TableConfig, run_table
 
+    _quiet_http()
     cfg = TableConfig.from_args(args)
     result = run_table(cfg)
     log.info("Table 1 written to %s", result["markdown"])
