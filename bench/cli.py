@@ -1,0 +1,113 @@
+"""``distillgame bench {overhead,calibrate,quality}``: the measurement commands.
+
+Not for: the measurements themselves (see :mod:`distillgame.bench.overhead`,
+:mod:`distillgame.bench.reference_hf`, :mod:`distillgame.bench.calibrate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: defense overhead, reference approach, calibration")
+    sub = p.add_subparsers(dest="bench_command", required=True)
+
+    o = sub.add_parser("overhead", help="defense overhead through the server vs its physical limit")
+    o.add_argument("--quick", action="store_true", help="concurrency 1 and 8, 12 tokens, one round (smoke)")
+    o.add_argument("--url", default=None, help="measure a running server (keys sk-bench-none/poe/ads) instead")
+    o.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32 (quick: 1 8)")
+    o.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64)")
+    o.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    o.add_argument("--gamma", type=float, default=0.65)
+    o.add_argument("--lam", type=float, default=0.05)
+    o.add_argument("--teacher", default=None)
+    o.add_argument("--proxy", default=None)
+    o.add_argument("--no-limit", action="store_true", help="skip serving the proxy alone")
+    o.add_argument("--reference", action="store_true",
+                   help="also time the reference approach (HF generate + proxy logits processor)")
+    o.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    o.add_argument("--out", type=Path, default=RESULTS)
+    o.set_defaults(func=_overhead)
+
+    r = sub.add_parser("reference", help="our server vs HF generate with a proxy logits processor")
+    r.add_argument("--quick", action="store_true")
+    r.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    r.add_argument("--workload", choices=["fixed", "traces", "both"], default="both")
+    r.add_argument("--max-tokens", type=int, default=64, help="fixed-length workload's output length")
+    r.add_argument("--gamma", type=float, default=0.65)
+    r.add_argument("--note", default="")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.set_defaults(func=_reference)
+
+    c = sub.add_parser("calibrate", help="find gamma (PoE) or lam (ADS) whose mean KL(released||teacher) is eps")
+    c.add_argument("--mode", choices=["poe", "ads"], required=True)
+    c.add_argument("--target-kl", type=float, required=True, help="budget eps in nats per token")
+    c.add_argument("--policy", type=Path, default=None, help="policy file to write the parameter into")
+    c.add_argument("--tier", default=None, help="tier of --policy to update")
+    c.add_argument("--teacher", default=None)
+    c.add_argument("--proxy", default=None)
+    c.add_argument("--ads-grad", default=None)
+    c.add_argument("--calib", type=int, default=8, help="calibration prompts")
+    c.add_argument("--holdout", type=int, default=8, help="held-out validation prompts")
+    c.add_argument("--tokens", type=int, default=24, help="positions per prompt")
+    c.add_argument("--tol", type=float, default=0.01, help="relative tolerance of the bisection")
+    c.add_argument("--out", type=Path, default=RESULTS)
+    c.set_defaults(func=_calibrate)
+
+
+def _command() -> str:
+    return "distillgame " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("distillgame") \
+        else shlex.join(["distillgame", *sys.argv[1:]])
+
+
+def _quiet() -> None:
+    # One log line per HTTP request would drown the progress bar.
+    for name in ("httpx", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    _quiet()
+    from distillgame.bench.overhead import BenchConfig, run_overhead
+
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.concurrency:
+        cfg.concurrencies = args.concurrency
+    if args.max_tokens:
+        cfg.max_tokens = args.max_tokens
+    if args.rounds:
+        cfg.rounds = args.rounds
+    cfg.gamma, cfg.lam, cfg.teacher, cfg.proxy = args.gamma, args.lam, args.teacher, args.proxy
+    cfg.limit = not args.no_limit
+    report = run_overhead(cfg, args.out, url=args.url, command=_command(), note=args.note)
+    from distillgame.bench.overhead import markdown
+
+    print(markdown(report))
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from distillgame.bench.reference_hf import run_reference
+
+    _quiet()
+
+    report = run_reference(args, command=_command())
+    print(report["markdown"])
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from distillgame.bench.calibrate import run_calibrate
+
+    result = run_calibrate(args)
+    print(result["summary"])
+    return 0 if result["within_tolerance"] else 1
