@@ -27,7 +27,9 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from distillgame.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from distillgame.server.metrics import ServerMetrics
 from distillgame.server.policy import AuthError, Policy, RateLimiter, Tier, hash_key
 from distillgame.server.protocol import (
@@ -68,9 +70,12 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None) -> None:
+        # Messages may quote caller input (a model name, a parameter): keep them encodable as UTF-8 JSON.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
 
@@ -89,16 +94,30 @@ class ServerState:
     max_model_len: int
     limiter: RateLimiter = field(default_factory=RateLimiter)
     on_fatal: Callable[[str], None] | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+    headers = None
+    if exc.status in (429, 503):
+        headers = {"Retry-After": str(exc.retry_after if exc.retry_after is not None else 5)}
     return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=headers)
 
 
 def _sse(payload: Any) -> str:
     data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
+
+
+def _check_text(text: str, param: str) -> str:
+    """Refuse strings that are not valid Unicode text (JSON can carry lone surrogates; tokenizers choke on them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} is not valid Unicode text (lone surrogate escape)", param=param,
+                       code="invalid_text") from None
+    return text
 
 
 def _lp(value: float) -> float:
@@ -126,6 +145,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="distillgame", version="0.1.0", lifespan=lifespan)
     app.state.server = state
+    # Outermost: oversized or trickling bodies are refused before anything parses them.
+    # No CORS middleware on purpose: browsers on other origins get no Access-Control-* headers.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes, timeout_s=state.body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -134,6 +156,23 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
         return _error_response(APIError(503, str(exc), type="service_unavailable", code="engine_unavailable"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a caller's fault: OpenAI's shape still, and no exception text (it may quote the
+        # prompt) in the log unless debug logging is on.
+        logger.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+        logger.debug("unhandled exception", exc_info=exc)
+        return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths (404) and wrong methods (405) answer in OpenAI's shape too.
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        response = _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -166,8 +205,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def rate_limited_caller(who: Caller = Depends(caller)) -> Caller:
         if not state.limiter.allow(who.ident, who.tier.requests_per_minute):
             state.metrics.requests.labels(who.tier.name, who.tier.defense.mode, "-", "rate_limited").inc()
+            wait = math.ceil(state.limiter.retry_after(who.ident)) or 1
             raise APIError(429, f"rate limit of {who.tier.requests_per_minute} requests per minute exceeded",
-                           type="rate_limit_error", code="rate_limit_exceeded")
+                           type="rate_limit_error", code="rate_limit_exceeded", retry_after=wait)
         return who
 
     @app.get("/health")
@@ -198,8 +238,8 @@ def create_app(state: ServerState) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         try:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in body.messages]
+            messages = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": _check_text(m.text(), "messages")} for m in body.messages]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         tokenizer = gen.tokenizer()
@@ -293,7 +333,7 @@ class _Generation:
         vocab = len(tok)
         for item in items:
             if isinstance(item, str):
-                ids = tok(item)["input_ids"]
+                ids = tok(_check_text(item, "prompt"))["input_ids"]
                 self.prompt_texts.append(item)
             else:
                 ids = list(item)
@@ -328,7 +368,7 @@ class _Generation:
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
-            stop=body.stop_list() or None,
+            stop=[_check_text(x, "stop") for x in body.stop_list()] or None,
             max_tokens=limit,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,

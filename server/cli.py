@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fault-file", default=None,
                    help="testing: while this file exists, every defended engine step fails")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; larger ones get 413 before they are read")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (slow clients get 408)")
     p.set_defaults(func=serve)
 
 
@@ -87,7 +91,8 @@ def serve(args: argparse.Namespace) -> int:
             server_box[0].should_exit = True
 
     state = ServerState(policy=policy, supervisor=supervisor, metrics=metrics, model_name=name,
-                        max_model_len=args.max_model_len, on_fatal=on_fatal)
+                        max_model_len=args.max_model_len, on_fatal=on_fatal,
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                timeout_graceful_shutdown=args.drain_timeout, access_log=False)

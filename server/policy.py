@@ -228,3 +228,12 @@ class RateLimiter:
                 return False
             seen.append(now)
             return True
+
+    def retry_after(self, caller: str, now: float | None = None) -> float:
+        """Seconds until ``caller``'s oldest request in the window leaves it (0 if none)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            seen = self._seen.get(caller)
+            if not seen:
+                return 0.0
+            return max(0.0, self.window_s - (now - seen[0]))

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+MAX_STOP = 16  # stop strings per request
 
 
 def _id(prefix: str) -> str:
@@ -37,7 +40,8 @@ class _SamplingRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    # OpenAI allows 4; a few more are harmless, thousands would be checked against every new token.
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
