@@ -21,6 +21,7 @@ def _eval(args: argparse.Namespace) -> int:
     from distillgame.evaluate import evaluate
 
     defense = json.loads(args.defense) if args.defense else None
+    engine_opts = {"proxy": args.proxy} if defense is not None and args.proxy else {}
     summary = evaluate(
         args.model,
         args.task,
@@ -33,6 +34,7 @@ def _eval(args: argparse.Namespace) -> int:
         defense=defense,
         max_model_len=args.max_model_len,
         memory_share=args.memory_share,
+        **engine_opts,
     )
     sys.stdout.write(json.dumps({k: summary[k] for k in ("accuracy", "correct", "n")}) + "\n")
     return 0
@@ -98,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="use the model's chat template (instruct models)")
     p.add_argument("--data-dir", default=None, help="local {train,test}.jsonl for gsm8k/math instead of the hub")
     p.add_argument("--defense", default=None, help='JSON defense dict, e.g. \'{"mode": "poe", "gamma": 0.65}\'')
+    p.add_argument("--proxy", default=None, help="proxy folder for --defense (default: the embedded one)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's own context length")
     p.add_argument("--memory-share", type=float, default=0.1)
     p.set_defaults(func=_eval)
