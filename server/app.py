@@ -29,7 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distillgame.server.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from distillgame.server.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    BodyLimitMiddleware,
+    ErrorShieldMiddleware,
+)
 from distillgame.server.metrics import ServerMetrics
 from distillgame.server.policy import AuthError, Policy, RateLimiter, Tier, hash_key
 from distillgame.server.protocol import (
@@ -147,6 +152,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     # Outermost: oversized or trickling bodies are refused before anything parses them.
     # No CORS middleware on purpose: browsers on other origins get no Access-Control-* headers.
+    app.add_middleware(ErrorShieldMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes, timeout_s=state.body_timeout_s)
 
     @app.exception_handler(APIError)
@@ -156,14 +162,6 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
         return _error_response(APIError(503, str(exc), type="service_unavailable", code="engine_unavailable"))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, not a caller's fault: OpenAI's shape still, and no exception text (it may quote the
-        # prompt) in the log unless debug logging is on.
-        logger.error("unhandled %s on %s", type(exc).__name__, request.url.path)
-        logger.debug("unhandled exception", exc_info=exc)
-        return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -363,20 +361,28 @@ class _Generation:
         if self.who.tier.max_tokens is not None:
             # A tier cap truncates (finish_reason "length") rather than failing the request.
             limit = min(limit, self.who.tier.max_tokens)
-        return SamplingParams(
-            n=body.n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            stop=[_check_text(x, "stop") for x in body.stop_list()] or None,
-            max_tokens=limit,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            logprobs=logprobs,
-            output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
-            # The only place a defense is chosen: from the caller's tier, never from the body.
-            extra_args=self.who.tier.defense.extra_args(),
-        )
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            params = SamplingParams(
+                n=body.n,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                seed=body.seed,
+                stop=[_check_text(x, "stop") for x in body.stop_list()] or None,
+                max_tokens=limit,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                logprobs=logprobs,
+                output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+                # The only place a defense is chosen: from the caller's tier, never from the body.
+                extra_args=self.who.tier.defense.extra_args(),
+            )
+        except (VLLMClientError, ValueError) as exc:
+            # vLLM's own cross-field checks (e.g. n > 1 with greedy sampling) are the caller's error.
+            self.count("rejected")
+            raise APIError(400, str(exc), code="invalid_parameter") from None
+        return params
 
     async def _run(self, prompts: list[list[int]], params: Any) -> AsyncIterator[tuple[int, Any]]:
         """Yield ``(prompt_index, RequestOutput)`` from one engine request per prompt, merged."""

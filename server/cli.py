@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
         EngineOptions(config=config, kv_cache_bytes=kv_bytes),
         stat_loggers=[metrics.stat_logger_factory()],
         on_fidelity=metrics.record_fidelity,
-        on_restart=metrics.engine_restarts.inc,
+        on_restart=metrics.engine_restarted,
     )
     name = args.served_model_name or Path(config.teacher or "").name or _default_name()
     fatal: list[str] = []

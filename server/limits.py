@@ -8,6 +8,10 @@ takes longer than the deadline. Errors have OpenAI's shape. The buffered body
 is then replayed to the app, and later ``receive`` calls (disconnect
 detection while a response is generated) go to the server as before.
 
+:class:`ErrorShieldMiddleware` turns an unexpected exception into a 500 in
+OpenAI's shape without logging its text (an exception message can quote the
+prompt); the traceback is logged at debug level only.
+
 Not for: rate limits or auth (see :mod:`distillgame.server.policy`).
 """
 
@@ -105,3 +109,35 @@ async def _reject(send: Send, status: int, message: str, code: str, close: bool 
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ErrorShieldMiddleware:
+    """Last-resort handler: a 500 in OpenAI's shape, and only the exception's type in the log."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.error("unhandled %s on %s", type(exc).__name__, scope.get("path"))
+            logger.debug("unhandled exception", exc_info=exc)
+            if not started:
+                body = json.dumps({"error": {"message": "internal error", "type": "server_error", "param": None,
+                                             "code": "internal_error"}}).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})

@@ -97,6 +97,16 @@ class ServerMetrics:
                         self.fidelity_agree.labels(mode)._value.get() / tokens
                     )
 
+    def engine_restarted(self) -> None:
+        """Count a rebuild and clear the dead engine's queue gauges.
+
+        The gauges are only written when an engine steps; without this they
+        would keep the dead engine's last counts until the new one's first step.
+        """
+        self.engine_restarts.inc()
+        self.running.set(0)
+        self.waiting.set(0)
+
     def stat_logger_factory(self) -> Any:
         """A vLLM per-engine stat-logger factory that feeds the running/waiting gauges."""
         from vllm.v1.metrics.loggers import StatLoggerBase

@@ -112,6 +112,7 @@ def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, p
     {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 1000, "logprobs": True},
     {"messages": [{"role": "user", "content": "word " * 3000}]},
     {"messages": [{"role": "user", "content": "hi"}], "stop": [str(i) for i in range(17)]},
+    {"messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 0},  # vLLM: greedy needs n = 1
 ])
 def test_hostile_chat_bodies_are_4xx_in_openai_shape(http, body):
     _assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
