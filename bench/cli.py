@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--workload", choices=["fixed", "traces", "both"], default="both")
     r.add_argument("--max-tokens", type=int, default=64, help="fixed-length workload's output length")
     r.add_argument("--gamma", type=float, default=0.65)
+    r.add_argument("--cap", type=int, default=320, help="cap on the teacher trace lengths (tokens)")
+    r.add_argument("--skip-none", action="store_true", help="skip our undefended row (saves time)")
     r.add_argument("--note", default="")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.set_defaults(func=_reference)
@@ -56,9 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--teacher", default=None)
     c.add_argument("--proxy", default=None)
     c.add_argument("--ads-grad", default=None)
-    c.add_argument("--calib", type=int, default=16, help="calibration prompts")
-    c.add_argument("--holdout", type=int, default=16, help="held-out validation prompts")
-    c.add_argument("--tokens", type=int, default=32, help="positions per prompt")
+    c.add_argument("--calib", type=int, default=32, help="calibration prompts")
+    c.add_argument("--holdout", type=int, default=32, help="held-out validation prompts")
+    c.add_argument("--tokens", type=int, default=48, help="positions per prompt")
     c.add_argument("--tol", type=float, default=0.01, help="relative tolerance of the bisection")
     c.add_argument("--out", type=Path, default=RESULTS)
     c.set_defaults(func=_calibrate)
@@ -71,7 +73,7 @@ def _command() -> str:
 
 def _quiet() -> None:
     # One log line per HTTP request would drown the progress bar.
-    for name in ("httpx", "openai"):
+    for name in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -217,7 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r['ours_poe']['tok_per_s']:.1f} | "
-                     f"{r['ours_none']['tok_per_s']:.1f} | {r['reference_poe']['tok_per_s']:.1f} | "
+                     f"{r['ours_none']['tok_per_s'] if r['ours_none'] else float('nan'):.1f} | {r['reference_poe']['tok_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x |")
     lines.append("")
     return "\n".join(lines)
@@ -268,7 +268,7 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     trace_prompts = [tok.apply_chat_template(build_chat_messages(p, "gsm-symbolic"), add_generation_prompt=True,
                                              tokenize=True) for p in problems]
     trace_prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in trace_prompts]
-    cap = 64 if quick else 320
+    cap = 64 if quick else int(getattr(args, "cap", 320))
 
     work = Path(tempfile.mkdtemp(prefix="distillgame-ref-"))
     policy = work / "policy.toml"
@@ -292,10 +292,9 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
                 else:
                     reqs = [Request(trace_prompts[i], max(1, trace_lengths[i])) for i in range(n)]
                 plan[(wl, c)] = reqs
-                ours[(wl, c)] = {
-                    "poe": asyncio.run(server_serve(server.url, "sk-bench-poe", reqs, c)),
-                    "none": asyncio.run(server_serve(server.url, "sk-bench-none", reqs, c)),
-                }
+                ours[(wl, c)] = {"poe": asyncio.run(server_serve(server.url, "sk-bench-poe", reqs, c))}
+                if not getattr(args, "skip_none", False):
+                    ours[(wl, c)]["none"] = asyncio.run(server_serve(server.url, "sk-bench-none", reqs, c))
                 logger.info("ours %s c=%d: %s", wl, c, ours[(wl, c)])
     finally:
         server.stop()
@@ -309,7 +308,7 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
         logger.info("reference %s c=%d: %s", wl, c, ref)
         results.append({"workload": wl, "concurrency": c, "requests": len(reqs),
                         "max_tokens": [r.max_tokens for r in reqs], "ours_poe": ours[(wl, c)]["poe"],
-                        "ours_none": ours[(wl, c)]["none"], "reference_poe": ref,
+                        "ours_none": ours[(wl, c)].get("none"), "reference_poe": ref,
                         "speedup": ours[(wl, c)]["poe"]["tok_per_s"] / ref["tok_per_s"]})
     report: dict[str, Any] = {
         "benchmark": "reference", "command": command, "note": getattr(args, "note", ""), "gamma": gamma,

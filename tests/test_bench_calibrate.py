@@ -1,0 +1,73 @@
+"""Budget calibration: bisection, the KL it measures (held to the float64 oracle), the policy write."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillgame.bench.calibrate import bisect, mean_kl, position_logprobs, run_calibrate, write_tier
+from distillgame.server.policy import load_policy
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "server" / "policy.example.toml"
+
+
+def test_bisect_finds_the_root_and_grows_the_bracket():
+    x, fx, hist = bisect(lambda v: v ** 2, 9.0, 0.0, 1.0, tol=1e-4, grow=True)
+    assert x == pytest.approx(3.0, rel=1e-4) and fx == pytest.approx(9.0, rel=1e-4)
+    assert hist[1][0] == 2.0  # the bracket doubled until it held the target
+    with pytest.raises(ValueError):
+        bisect(lambda v: v, 5.0, 0.0, 1.0)
+
+
+def test_write_tier_keeps_the_rest_of_the_policy(tmp_path):
+    policy = tmp_path / "policy.toml"
+    shutil.copy(EXAMPLE, policy)
+    write_tier(policy, "standard", {"mode": "poe", "gamma": 0.123})
+    write_tier(policy, "calibrated", {"mode": "ads", "lam": 0.02, "eps": 1e-4})
+    loaded = load_policy(policy)
+    assert loaded.tiers["standard"].defense.gamma == pytest.approx(0.123)
+    assert loaded.tiers["standard"].max_tokens == 1024  # untouched limits
+    assert loaded.tiers["free"].defense.gamma == pytest.approx(0.8)
+    assert loaded.tiers["calibrated"].defense.lam == pytest.approx(0.02)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from distillgame import models
+    from distillgame.plugins.reference import ReferenceModels
+
+    torch.set_num_threads(1)
+    return ReferenceModels(models.resolve(None, "teacher"), models.resolve(None, "proxy"))
+
+
+def test_position_kl_matches_the_oracle(ref):
+    ids = list(range(1000, 1012))
+    lp = position_logprobs(ref, [(ids, 8)], "poe")
+    assert lp.teacher.shape[0] == 4
+    assert mean_kl(lp, "poe", 0.0) == pytest.approx(0.0, abs=1e-9)
+    gamma = 0.3
+    # KL(released || teacher) from the full-recompute oracle, position by position
+    kls = []
+    for k in range(8, 12):
+        released = ref.next_token_logprobs(ids[:k], {"mode": "poe", "gamma": gamma})
+        teacher = ref.next_token_logprobs(ids[:k], {"mode": "none"})
+        v = lp.teacher.shape[1]
+        kls.append(float((released.exp()[:v] * (released[:v] - teacher[:v])).sum()))
+    assert mean_kl(lp, "poe", gamma) == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert mean_kl(lp, "poe", 0.6) > mean_kl(lp, "poe", gamma) > 0
+
+
+def test_calibrate_end_to_end_writes_the_tier(tmp_path):
+    policy = tmp_path / "policy.toml"
+    shutil.copy(EXAMPLE, policy)
+    args = argparse.Namespace(mode="poe", target_kl=0.3, policy=policy, tier="standard", teacher=None, proxy=None,
+                              ads_grad=None, calib=3, holdout=2, tokens=6, tol=0.005, out=tmp_path / "res")
+    result = run_calibrate(args)
+    assert result["kl_calibration"] == pytest.approx(0.3, rel=0.005)
+    gamma = load_policy(policy).tiers["standard"].defense.gamma
+    assert gamma == pytest.approx(result["gamma"], abs=1e-6) and 0 < gamma < 0.999
+    assert (tmp_path / "res" / "calibrate_poe.json").exists()
