@@ -56,6 +56,11 @@ def _engine_kwargs(model: str, max_model_len: int | None, memory_share: float, d
         cfg = EngineConfig(teacher=model, memory_share=memory_share, dtype=dtype, **engine_opts)
         if max_model_len is not None:
             cfg.max_model_len = max_model_len
+        elif (Path(model) / "config.json").exists():
+            # EngineConfig's default context can exceed a small model's own.
+            own = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings")
+            if own:
+                cfg.max_model_len = min(cfg.max_model_len, int(own))
         return cfg.engine_kwargs()
     kwargs: dict[str, Any] = dict(
         model=model,

@@ -150,3 +150,15 @@ def test_eval_path_scores_the_zoo_teacher_like_the_report(defended_zoo_engine, t
     # Same greedy path, same problems; batch composition may flip a rare near-tie.
     assert agree >= 38
     assert summary["accuracy"] >= 0.5
+
+
+def test_chat_path_renders_the_same_prompt_for_the_zoo(defended_zoo_engine):
+    """The zoo's chat template turns the user message into the base prompt, so the
+    chat code path (used for instruct models) gives the same greedy completions."""
+    from distillgame.evaluate import generate
+
+    problems = tasks.load_problems("gsm-symbolic-easy", "test", n=6)
+    plain = generate(defended_zoo_engine, problems, "gsm-symbolic-easy", max_tokens=96)
+    chat = generate(defended_zoo_engine, problems, "gsm-symbolic-easy", max_tokens=96, chat=True)
+    assert chat == plain
+    assert sum(tasks.is_correct(t, p.answer) for t, p in zip(plain, problems)) >= 3
