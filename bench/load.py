@@ -217,6 +217,7 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
                     # Before the response started: the request never reached the app (e.g. refused at
                     # shutdown). After: a response was cut short, which counts against the server.
                     outcome = f"{'truncated' if started[0] else 'transport'}:{type(exc).__name__}"
+                    await asyncio.sleep(0.1)  # a refusing server is not hammered in a tight loop
                 outcomes[outcome] += 1
 
         t0 = time.monotonic()
