@@ -163,7 +163,7 @@ def sample_traces(ref: Any, tokenizer: Any, prompts: list[list[int]], tokens: in
     return [(list(p) + gen[i, width:].tolist(), len(p)) for i, p in enumerate(prompts)]
 
 
-def run_calibrate(args: Any) -> dict[str, Any]:
+def run_calibrate(args: Any, command: str = "") -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from distillgame import models
@@ -212,7 +212,7 @@ def run_calibrate(args: Any) -> dict[str, Any]:
                f"prompts ({calib.teacher.shape[0]} positions), {kl_hold:.4g} on {args.holdout} held-out prompts "
                f"({hold.teacher.shape[0]} positions): {100 * rel:.1f}% from the target {target:g} "
                f"({'within' if within else 'NOT within'} 5%)")
-    result = {"mode": args.mode, "target_kl": target, param: value, "defense": defense, "kl_calibration": kl_cal,
+    result = {"command": command, "mode": args.mode, "target_kl": target, param: value, "defense": defense, "kl_calibration": kl_cal,
               "kl_holdout": kl_hold, "holdout_rel_error": rel, "within_tolerance": within,
               "bisection": [{"value": x, "kl": f} for x, f in hist], "calib_prompts": args.calib,
               "holdout_prompts": args.holdout, "tokens_per_prompt": args.tokens, "summary": summary,

@@ -110,6 +110,6 @@ def _reference(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from distillgame.bench.calibrate import run_calibrate
 
-    result = run_calibrate(args)
+    result = run_calibrate(args, command=_command())
     print(result["summary"])
     return 0 if result["within_tolerance"] else 1
