@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -243,6 +244,20 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident memory per process of the server's tree, keyed ``name:pid`` (API server, engine core)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    out = {}
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            out[f"{p.name()}:{p.pid}"] = p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -270,13 +285,30 @@ def measure(cfg: LoadConfig, pid: int | None, warmup_s: float = 10.0) -> dict[st
     asyncio.run(run_load(warm))
     wait_drained(cfg.url)
     rss_before = rss_bytes(pid) if pid else None
-    report = asyncio.run(run_load(cfg))
+    procs_before = rss_by_process(pid) if pid else {}
+    series: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        # RSS over the run: growth that levels off (caches filling) vs. growth that keeps going (a leak).
+        t0 = time.monotonic()
+        while pid and not stop.wait(2.0):
+            series.append((round(time.monotonic() - t0, 1), rss_bytes(pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        report = asyncio.run(run_load(cfg))
+    finally:
+        stop.set()
+        sampler.join()
     gauges = wait_drained(cfg.url)
     time.sleep(1.0)
     rss_after = rss_bytes(pid) if pid else None
     out = {**report.summary(), "gauges_after": gauges, "rss_after_warmup_bytes": rss_before,
            "rss_after_load_bytes": rss_after, "malformed_examples": report.malformed[:10],
-           "config": asdict(cfg)}
+           "rss_by_process_before": procs_before, "rss_by_process_after": rss_by_process(pid) if pid else {},
+           "rss_series": series, "config": asdict(cfg)}
     if rss_before and rss_after:
         out["rss_change"] = round(rss_after / rss_before - 1.0, 4)
     out["_ttft"] = report.ttft_s
@@ -310,13 +342,26 @@ def _write_results(result: dict[str, Any], out: Path) -> None:
     if result.get("rss_after_warmup_bytes"):
         md.append(f"| RSS after warm-up -> after load | {result['rss_after_warmup_bytes'] / gib:.2f} GiB -> "
                   f"{result['rss_after_load_bytes'] / gib:.2f} GiB ({result['rss_change']:+.1%}) |")
+    for name, before in sorted(result.get("rss_by_process_before", {}).items()):
+        after = result.get("rss_by_process_after", {}).get(name)
+        if after:
+            md.append(f"| RSS {name.split(':')[0]} | {before / gib:.2f} GiB -> {after / gib:.2f} GiB "
+                      f"({after / before - 1:+.1%}) |")
     (out / "load.md").write_text("\n".join(md) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     if ttft:
         ax.hist(ttft, bins=30)
     ax.set_xlabel("time to first token (s)")
     ax.set_ylabel("requests")
     ax.set_title(f"{result['config']['clients']} streaming clients, {result['config']['duration_s']:.0f} s")
+    if result.get("rss_series"):
+        xs, ys = zip(*result["rss_series"])
+        ax2.plot(xs, [y / gib for y in ys], marker=".")
+        ax2.axhline(result["rss_after_warmup_bytes"] / gib, color="grey", ls="--", label="after warm-up")
+        ax2.axhline(1.1 * result["rss_after_warmup_bytes"] / gib, color="red", ls=":", label="+10%")
+        ax2.legend()
+    ax2.set_xlabel("time into the load (s)")
+    ax2.set_ylabel("server RSS, all processes (GiB)")
     fig.tight_layout()
     fig.savefig(out / "load_ttft.png", dpi=120)
     plt.close(fig)
@@ -365,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=None)
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--disconnect-frac", type=float, default=0.2)
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the baseline RSS sample")
     p.add_argument("--out", type=Path, default=Path("bench/results/load"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -385,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = LoadConfig(url=url, key=args.key, clients=clients, duration_s=duration,
                          disconnect_frac=args.disconnect_frac)
-        result = measure(cfg, pid)
+        result = measure(cfg, pid, warmup_s=args.warmup)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
