@@ -132,6 +132,7 @@ async def _one_request(client: httpx.AsyncClient, cfg: LoadConfig, rng: random.R
         usage: dict | None = None
         done = False
         events = 0
+        first_token_at: float | None = None
         async for line in r.aiter_lines():
             if not line:
                 continue
@@ -167,8 +168,9 @@ async def _one_request(client: httpx.AsyncClient, cfg: LoadConfig, rng: random.R
                         raise _Malformed("logprobs lengths differ")
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
-            if tokens and len(report.ttft_s) < 100_000 and events <= 2:
-                report.ttft_s.append(time.monotonic() - t0)
+            if tokens and first_token_at is None:
+                first_token_at = time.monotonic()
+                report.ttft_s.append(first_token_at - t0)
             if disconnect_after is not None and tokens >= disconnect_after:
                 return "disconnected"  # leaving the context manager closes the connection mid-stream
         if not done:
