@@ -127,3 +127,13 @@ def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair
         assert worst_error(ref, not_ads, defense_override={"mode": "none"}) < TOL
     finally:
         shutdown(small)
+
+
+def test_full_batch_at_max_num_seqs_reuses_slots(tiny_llm, tiny_ref):
+    """More requests than max_num_seqs: the batch runs full, rows leave and new ones take their slots."""
+    max_seqs = tiny_llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    jobs = _jobs(seed=2, n=max_seqs + 4, vocab=380)
+    for job in jobs:
+        job.arrive_at_step = 0
+    run_staggered(tiny_llm, jobs)
+    assert worst_error(tiny_ref, jobs) < TOL
