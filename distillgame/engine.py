@@ -77,7 +77,22 @@ class EngineConfig:
         )
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
+        if _on_cpu():
+            # vLLM rewinds a seeded request's generator after a step that
+            # prefilled only part of its prompt (``Generator.set_offset``), and
+            # CPU generators have no offset: the engine core dies on the first
+            # seeded request whose prefill gets chunked, which happens whenever
+            # one step's token budget is shared. Without chunking every prompt
+            # is prefilled in one step (vLLM raises the budget to at least
+            # max_model_len), so seeds are honoured.
+            kwargs["enable_chunked_prefill"] = False
         return kwargs
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def build_llm(config: EngineConfig):

@@ -67,6 +67,7 @@ class ServerProcess:
 
     workdir: Path
     port: int = field(default_factory=free_port)
+    extra_policy: str = ""  # more tiers and keys, appended to TEST_POLICY
     proc: subprocess.Popen | None = None
 
     @property
@@ -86,7 +87,7 @@ class ServerProcess:
 
         path = self.workdir / "policy.toml"
         digest = hashlib.sha256(LIMITED_KEY.encode()).hexdigest()
-        path.write_text(TEST_POLICY.replace("{limited_sha256}", digest))
+        path.write_text(TEST_POLICY.replace("{limited_sha256}", digest) + self.extra_policy)
         return path
 
     def start(self, extra_args: list[str] | None = None) -> None:

