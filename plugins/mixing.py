@@ -6,6 +6,8 @@ float32 on the engine's device, the reference oracle in float64.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +87,15 @@ def poe_mix(teacher_logprobs: torch.Tensor, proxy_logprobs: torch.Tensor, gamma:
 
     ``gamma`` broadcasts against the rows (shape ``[rows, 1]`` or a scalar).
     Where a log-probability is -inf and its weight is 0, the product is 0, not NaN.
+    Two full-size buffers and in-place passes: this runs on every defended row
+    of every engine step.
     """
-    t = torch.where(gamma < 1.0, (1.0 - gamma) * teacher_logprobs, torch.zeros_like(teacher_logprobs))
-    p = torch.where(gamma > 0.0, gamma * proxy_logprobs, torch.zeros_like(proxy_logprobs))
-    return t + p
+    mixed = torch.mul(teacher_logprobs, 1.0 - gamma)
+    # 0 * -inf is the only NaN source (log-probs are never NaN or +inf).
+    torch.nan_to_num(mixed, nan=0.0, posinf=math.inf, neginf=-math.inf, out=mixed)
+    proxy = torch.mul(proxy_logprobs, gamma)
+    torch.nan_to_num(proxy, nan=0.0, posinf=math.inf, neginf=-math.inf, out=proxy)
+    return mixed.add_(proxy)
 
 
 def ads_tilt(
@@ -113,9 +120,12 @@ def ads_tilt(
 
 def kl_and_agreement(released_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: KL(released || teacher) at temperature 1 (eq. 1) and argmax agreement."""
-    released = torch.log_softmax(released_logits, dim=-1)
-    q = released.exp()
-    terms = torch.where(q > 0, q * (released - teacher_logprobs), torch.zeros_like(q))
+    terms = torch.log_softmax(released_logits, dim=-1)
+    q = terms.exp()
+    terms.sub_(teacher_logprobs).mul_(q)
+    # A token the release rules out (q = 0) adds nothing: 0 * -inf and 0 * NaN
+    # (both -inf) become 0; one only the teacher rules out stays +inf.
+    torch.nan_to_num(terms, nan=0.0, posinf=math.inf, neginf=-math.inf, out=terms)
     kl = terms.sum(dim=-1).clamp_min(0.0)
     agree = released_logits.argmax(dim=-1) == teacher_logprobs.argmax(dim=-1)
     return kl, agree

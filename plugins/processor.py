@@ -45,7 +45,7 @@ from distillgame.plugins.mixing import (
     parse_defense,
     poe_mix,
 )
-from distillgame.plugins.proxy_runner import ProxyRunner
+from distillgame.plugins.proxy_runner import ProxyRunner, plain_linears
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -212,7 +212,8 @@ class DefenseLogitsProcessor(LogitsProcessor):
             )
         copies = []
         for sign in (+1.0, -1.0):
-            clone = copy.deepcopy(self.proxy_model)
+            with plain_linears(self.proxy_model):
+                clone = copy.deepcopy(self.proxy_model)
             with torch.no_grad():
                 for name, param in clone.named_parameters():
                     param.add_(self.ads_grad[name].to(param.device, param.dtype), alpha=sign * eps)
