@@ -70,7 +70,12 @@ class DefenseSettings:
     ads_grad: str | None = None
     fault_file: str | None = None
     ads_max_eps: int = 4
-    initial_cache_len: int = 128
+    # Positions per slot allocated up front in each proxy KV cache. None: the
+    # engine's max_model_len, so (like vLLM's own KV cache) the memory is
+    # taken once at start and never grows while serving. A smaller value
+    # saves memory on big proxies; the cache then doubles when a longer
+    # sequence arrives, up to max_model_len.
+    initial_cache_len: int | None = None
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> "DefenseSettings":
@@ -164,6 +169,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         model_config = vllm_config.model_config
         self.num_slots = vllm_config.scheduler_config.max_num_seqs
         self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.cache_len = self.settings.initial_cache_len or vllm_config.model_config.max_model_len
 
         check_same_tokenizer(model_config.tokenizer, self.settings.proxy)
         dtype = _DTYPES[self.settings.dtype] if self.settings.dtype else model_config.dtype
@@ -172,7 +178,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         logger.info("loading proxy %s (%s) for the defense", self.settings.proxy, dtype)
         proxy = AutoModelForCausalLM.from_pretrained(self.settings.proxy, dtype=dtype).to(self.device).eval()
         self.proxy_model = proxy
-        self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.settings.initial_cache_len)
+        self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.cache_len)
         teacher_vocab = model_config.get_vocab_size()
         self.vocab = min(teacher_vocab, self.proxy.vocab_size)
         self.ads_grad = load_gradient(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
@@ -183,10 +189,13 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.tokens = torch.zeros(n_modes, dtype=torch.long, device=self.device)
         self.agree = torch.zeros(n_modes, dtype=torch.long, device=self.device)
         logger.info(
-            "defense ready: proxy vocab %d, teacher vocab %d, %d slots, ADS %s",
+            "defense ready: proxy vocab %d, teacher vocab %d, %d slots, proxy KV cache %.2f GiB "
+            "(%d positions per slot; each ADS eps in use adds twice that), ADS %s",
             self.proxy.vocab_size,
             teacher_vocab,
             self.num_slots,
+            self.proxy.cache.memory_bytes() / (1 << 30),
+            self.cache_len,
             "on" if self.ads_grad is not None else "off",
         )
 
@@ -217,7 +226,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
             with torch.no_grad():
                 for name, param in clone.named_parameters():
                     param.add_(self.ads_grad[name].to(param.device, param.dtype), alpha=sign * eps)
-            copies.append(ProxyRunner(clone, self.num_slots, self.device, self.settings.initial_cache_len))
+            copies.append(ProxyRunner(clone, self.num_slots, self.device, self.cache_len))
         pair = self.ads_pairs[eps] = _AdsPair(*copies)
         return pair
 

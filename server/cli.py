@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of device (CPU: host) memory the engine may reserve")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="explicit KV-cache size in GiB (overrides the memory share for the KV cache)")
+    p.add_argument("--proxy-cache-len", type=int, default=None,
+                   help="positions per request slot allocated up front in the proxy's KV cache "
+                        "(default: --max-model-len, so its memory is fixed at start; smaller values "
+                        "grow on demand)")
     p.add_argument("--fault-file", default=None,
                    help="testing: while this file exists, every defended engine step fails")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on SIGTERM")
@@ -72,6 +76,7 @@ def serve(args: argparse.Namespace) -> int:
         teacher=args.teacher, proxy=args.proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file,
+        extra_defense={"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {},
     )
     kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
     metrics = ServerMetrics()

@@ -65,6 +65,9 @@ def tiny_llm(tiny_pair, tiny_grads):
             max_num_seqs=16,
             memory_share=0.12,
             disable_log_stats=False,
+            # Start the proxy KV caches small so the equivalence tests also cover
+            # their growth (the default allocates max_model_len up front).
+            extra_defense={"initial_cache_len": 8},
         )
     )
     yield llm
