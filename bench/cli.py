@@ -1,7 +1,8 @@
 """``distillgame bench {overhead,calibrate,quality}``: the measurement commands.
 
 Not for: the measurements themselves (see :mod:`distillgame.bench.overhead`,
-:mod:`distillgame.bench.reference_hf`, :mod:`distillgame.bench.calibrate`).
+:mod:`distillgame.bench.reference_hf`, :mod:`distillgame.bench.calibrate`,
+:mod:`distillgame.bench.quality`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: defense overhead, reference approach, calibration")
+    p = subparsers.add_parser("bench", help="benchmarks: defense overhead, reference approach, calibration, "
+                                            "trace quality")
     sub = p.add_subparsers(dest="bench_command", required=True)
 
     o = sub.add_parser("overhead", help="defense overhead through the server vs its physical limit")
@@ -64,6 +66,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--tol", type=float, default=0.01, help="relative tolerance of the bisection")
     c.add_argument("--out", type=Path, default=RESULTS)
     c.set_defaults(func=_calibrate)
+
+    q = sub.add_parser("quality", help="released-trace quality per defense: accuracy, length, teacher perplexity, "
+                                       "repetition, rubric judge")
+    q.add_argument("--quick", action="store_true", help="4 prompts per setting, 96 tokens, none and PoE (smoke)")
+    q.add_argument("--settings", default=None,
+                   help='teacher settings (default "none;poe:gamma=0.65;ads:lam=2.04,eps=1e-4", ADS at the KL of '
+                        'PoE 0.65 on the zoo; quick: "none;poe:gamma=0.65"); ADS without --ads-grad computes a '
+                        'gradient from the task')
+    q.add_argument("--n", type=int, default=None, help="test prompts per setting (default 40; quick 4)")
+    q.add_argument("--max-tokens", type=int, default=None, help="trace length cap (default 256; quick 96)")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0, help="per-request sampling seed = seed + problem index")
+    q.add_argument("--task", default="gsm-symbolic-easy")
+    q.add_argument("--split", default="test")
+    q.add_argument("--teacher", default=None, help="teacher folder, also scores perplexity (default: the zoo "
+                                                   "teacher; 'default': the embedded one)")
+    q.add_argument("--proxy", default=None, help="proxy folder (default: the zoo proxy; 'default': embedded)")
+    q.add_argument("--ads-grad", default=None)
+    q.add_argument("--base-url", default=None, help="a running endpoint (.../v1) instead of starting a server")
+    q.add_argument("--api-key", action="append", default=[], metavar="SETTING=KEY",
+                   help="with --base-url: the key whose tier is that setting (repeat per setting)")
+    q.add_argument("--model", default=None, help="with --base-url: model id (default: the first listed)")
+    q.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible judge endpoint (.../v1); 'self': the server this run starts "
+                        "(tests the mechanism, scores meaningless); omitted: no judge")
+    q.add_argument("--judge-model", default=None, help="default: the judge endpoint's first model")
+    q.add_argument("--judge-key", default=None, help="default: $DISTILLGAME_JUDGE_KEY, then $OPENAI_API_KEY")
+    q.add_argument("--judge-api", choices=["chat", "completions"], default="chat")
+    q.add_argument("--judge-max-tokens", type=int, default=16)
+    q.add_argument("--concurrency", type=int, default=8)
+    q.add_argument("--work", type=Path, default=None, help="traces and server log (default: a temp folder)")
+    q.add_argument("--note", default="")
+    q.add_argument("--out", type=Path, default=RESULTS)
+    q.set_defaults(func=_quality)
 
 
 def _command() -> str:
@@ -113,3 +149,29 @@ def _calibrate(args: argparse.Namespace) -> int:
     result = run_calibrate(args, command=_command())
     print(result["summary"])
     return 0 if result["within_tolerance"] else 1
+
+
+def _quality(args: argparse.Namespace) -> int:
+    _quiet()
+    from distillgame.bench.quality import QualityConfig, markdown, run_quality
+    from distillgame.clients.attack.table import parse_settings
+
+    cfg = QualityConfig.quick() if args.quick else QualityConfig()
+    if args.settings:
+        cfg.settings = parse_settings(args.settings)
+    if args.n:
+        cfg.n = args.n
+    if args.max_tokens:
+        cfg.max_tokens = args.max_tokens
+    for name in ("teacher", "proxy"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, None if value == "default" else value)
+    cfg.temperature, cfg.seed, cfg.task, cfg.split = args.temperature, args.seed, args.task, args.split
+    cfg.ads_grad, cfg.base_url, cfg.model, cfg.concurrency = args.ads_grad, args.base_url, args.model, args.concurrency
+    cfg.api_keys = dict(kv.split("=", 1) for kv in args.api_key)
+    cfg.judge_url, cfg.judge_model, cfg.judge_key = args.judge_url, args.judge_model, args.judge_key
+    cfg.judge_api, cfg.judge_max_tokens = args.judge_api, args.judge_max_tokens
+    report = run_quality(cfg, args.out, command=_command(), note=args.note, workdir=args.work)
+    print(markdown(report))
+    return 0
