@@ -10,6 +10,7 @@ Not for: training (see the attack harness); this is one full-batch gradient.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -21,6 +22,24 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
+
+
+def perturbed_copy(
+    model: torch.nn.Module, grad: dict[str, torch.Tensor], scale: float, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype`` with parameters ``theta + scale * g`` (ADS's perturbed proxies).
+
+    Float32 by default whatever the proxy's own dtype: ADS divides the two
+    copies' log-prob difference by ``2 * eps``, and in bfloat16 (8 bits of
+    mantissa) a step of ``eps * g`` is mostly rounded away, which leaves
+    rounding noise times ``lam / (2 * eps)`` as the tilt.
+    """
+    clone = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        for name, param in clone.named_parameters():
+            if name in grad:
+                param.add_(grad[name].to(param.device, dtype), alpha=scale)
+    return clone
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -21,7 +21,6 @@ is ever sampled from an undefended row (fail closed).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
@@ -34,7 +33,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from distillgame.plugins.ads_grad import load_gradient
+from distillgame.plugins.ads_grad import load_gradient, perturbed_copy
 from distillgame.plugins.mixing import (
     EXTRA_ARGS_KEY,
     MODE_INDEX,
@@ -221,11 +220,10 @@ class DefenseLogitsProcessor(LogitsProcessor):
             )
         copies = []
         for sign in (+1.0, -1.0):
+            # Float32 whatever the proxy's dtype (see perturbed_copy): in bf16 the
+            # eps step would be rounded away.
             with plain_linears(self.proxy_model):
-                clone = copy.deepcopy(self.proxy_model)
-            with torch.no_grad():
-                for name, param in clone.named_parameters():
-                    param.add_(self.ads_grad[name].to(param.device, param.dtype), alpha=sign * eps)
+                clone = perturbed_copy(self.proxy_model, self.ads_grad, sign * eps)
             copies.append(ProxyRunner(clone, self.num_slots, self.device, self.cache_len))
         pair = self.ads_pairs[eps] = _AdsPair(*copies)
         return pair

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from distillgame.plugins.ads_grad import perturbed_copy
 from distillgame.plugins.mixing import Defense, ads_tilt, parse_defense, poe_mix
 
 
@@ -24,18 +25,6 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model
-
-
-def perturbed_copy(model: torch.nn.Module, grad: dict[str, torch.Tensor], scale: float) -> torch.nn.Module:
-    """A copy of ``model`` with parameters ``theta + scale * g`` (ADS's perturbed proxies)."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in clone.named_parameters():
-            if name in grad:
-                param.add_(grad[name].to(param.dtype), alpha=scale)
-    return clone
 
 
 @dataclass
@@ -57,7 +46,7 @@ class ReferenceModels:
         if key not in self._cache:
             if self.ads_grad is None:
                 raise ValueError("ADS needs the proxy gradient (ads_grad)")
-            self._cache[key] = perturbed_copy(self.proxy, self.ads_grad, sign * eps)
+            self._cache[key] = perturbed_copy(self.proxy, self.ads_grad, sign * eps, self.dtype)
         return self._cache[key]
 
     @staticmethod

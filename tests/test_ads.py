@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from distillgame.plugins.ads_grad import load_gradient, read_metadata
-from distillgame.plugins.reference import ReferenceModels, load_causal_lm, perturbed_copy
+from distillgame.plugins.ads_grad import perturbed_copy
+from distillgame.plugins.reference import ReferenceModels, load_causal_lm
 from engine_helpers import Job, run_staggered, worst_error
 
 TOL = 1e-4
@@ -93,3 +94,33 @@ def test_lam_zero_reproduces_undefended_logprobs(tiny_llm):
     run_staggered(tiny_llm, [plain, zero])
     assert zero.tokens == plain.tokens
     assert max(abs(a - b) for a, b in zip(zero.logprobs, plain.logprobs)) < 1e-5
+
+
+def test_perturbed_proxies_resolve_the_eps_step_even_for_a_bf16_proxy(tiny_pair, tiny_grads):
+    """(lp(theta+eps g) - lp(theta-eps g)) / 2 eps must approximate <g, grad log p>, for a bf16 proxy too.
+
+    The copies are float32 whatever the proxy's dtype; kept in bf16 the eps step
+    is rounded away and the difference is noise (checked here as the failure mode).
+    """
+    _, proxy = tiny_pair
+    grad = load_file(str(tiny_grads["proxy"]))
+    base = load_causal_lm(proxy, torch.bfloat16)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 23]])
+
+    def logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(ids).logits[0, -1].double(), dim=-1)
+
+    # Directional derivative of the bf16 proxy's own weights, in float64 (some
+    # of the model's internals stay float32, so h cannot be tiny).
+    h = 1e-4
+    exact = (logprobs(perturbed_copy(base, grad, h, torch.float64))
+             - logprobs(perturbed_copy(base, grad, -h, torch.float64))) / (2 * h)
+    eps = 1e-3
+    ours = (logprobs(perturbed_copy(base, grad, eps)) - logprobs(perturbed_copy(base, grad, -eps))) / (2 * eps)
+    in_bf16 = (logprobs(perturbed_copy(base, grad, eps, torch.bfloat16))
+               - logprobs(perturbed_copy(base, grad, -eps, torch.bfloat16))) / (2 * eps)
+    rel = lambda est: ((est - exact).norm() / exact.norm()).item()  # noqa: E731
+    print(f"relative error: float32 copies {rel(ours):.2e}, bf16 copies {rel(in_bf16):.2e}")
+    assert rel(ours) < 1e-2
+    assert rel(in_bf16) > 1.0
