@@ -29,7 +29,7 @@ serve: $(STAMP)
 	$(BIN)/distillgame serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=1200 tests
+	$(BIN)/python -m pytest -q -x --timeout=1200 --durations=20 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
