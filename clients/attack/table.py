@@ -104,9 +104,13 @@ class TableConfig:
     # Distillation. The paper's values (DistillConfig's defaults: rank 128, lr 5e-4)
     # suit a pretrained 3B student; the zoo's 192-wide student learned nothing
     # measurable at lr 5e-4 in 20 steps (0% test accuracy) and needs a larger step.
+    # Passive students on 1000 undefended zoo traces (lr 5e-3, rank 64, 300 test
+    # problems; student base 0.2%): 4.2% after 3 epochs, 18.3% after 10 and
+    # 30.3% after 20, and lr 1e-2 diverged (0%). The zoo student needs 20 epochs
+    # to gain the >= 20 points that make leakage measurable.
     rank: int = 64
     lr: float = 5e-3
-    epochs: float = 3.0
+    epochs: float = 20.0
     batch_size: int = 6
     grad_accum: int = 4
     max_length: int = 512
