@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,16 +381,22 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def report_header(title: str, report: dict[str, Any]) -> list[str]:
+    """A results file's opening Markdown lines: title, command, machine and the run's note."""
+    m = report["machine"]
     lines = [
-        "# Defense overhead (HTTP server, async openai clients)", "",
+        f"# {title}", "",
         f"Command: `{report['command']}`", "",
-        f"Machine: {report['machine'].get('cpu_model', '?')}, {report['machine'].get('cpus')} CPUs, "
-        f"vLLM {report['machine'].get('vllm', '?')}, torch {report['machine'].get('torch', '?')}; "
-        f"load average at end {report['machine'].get('loadavg_at_end')}.", "",
+        f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, vLLM {m.get('vllm', '?')}, "
+        f"torch {m.get('torch', '?')}; load average at end {m.get('loadavg_at_end')}.", "",
     ]
     if report.get("note"):
         lines += [f"Note: {report['note']}", ""]
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = report_header("Defense overhead (HTTP server, async openai clients)", report)
     lines += [
         "| mode | conc | tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | ratio | limit | ratio/limit | "
         "normalized (paper) |",
@@ -440,11 +447,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], out_dir: Path, stem: str = "overhead") -> None:
+def write_results(report: dict[str, Any], out_dir: Path, stem: str,
+                  to_markdown: Callable[[dict[str, Any]], str],
+                  to_png: Callable[[dict[str, Any], Path], None]) -> None:
+    """``OUT/STEM.json``, ``.md`` and ``.png``: how every benchmark stores its results."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(report))
-    plot(report, out_dir / f"{stem}.png")
+    (out_dir / f"{stem}.md").write_text(to_markdown(report))
+    to_png(report, out_dir / f"{stem}.png")
+
+
+def write_report(report: dict[str, Any], out_dir: Path, stem: str = "overhead") -> None:
+    write_results(report, out_dir, stem, markdown, plot)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from distillgame.bench.overhead import Server, machine_info
+from distillgame.bench.overhead import Server, _fmt, machine_info, report_header, write_results
 from distillgame.clients.attack.collect import CollectConfig, collect, read_records
 from distillgame.clients.attack.table import Setting, mean_sem, parse_settings, write_policy
 
@@ -366,23 +366,14 @@ def summarize(setting: Setting, traces: list[dict]) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     cfg = report["config"]
-    lines = [
-        f"# Trace quality per defense ({cfg['task']} {cfg['split']}, {cfg['n']} prompts per setting)", "",
-        f"Command: `{report['command']}`", "",
-        f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, vLLM {m.get('vllm', '?')}, "
-        f"torch {m.get('torch', '?')}; load average at end {m.get('loadavg_at_end')}.", "",
+    lines = report_header(
+        f"Trace quality per defense ({cfg['task']} {cfg['split']}, {cfg['n']} prompts per setting)", report)
+    lines += [
         f"Teacher (perplexity): `{report['teacher']}`; sampling: temperature {cfg['temperature']}, "
         f"max_tokens {cfg['max_tokens']}, seed {cfg['seed']} + problem index.", "",
     ]
-    if report.get("note"):
-        lines += [f"Note: {report['note']}", ""]
     lines += [
         "| Teacher | n | Acc. | KL / agree (engine) | Length mean / median (tok) | Truncated | "
         "Teacher PPL mean / median | Repeated 4-grams | Judge score (± sem) | Judge unparseable / errors |",
@@ -459,10 +450,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], out_dir: Path, stem: str = "quality") -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(report))
-    plot(report, out_dir / f"{stem}.png")
+    write_results(report, out_dir, stem, markdown, plot)
 
 
 # --------------------------------------------------------------------------- entry point
