@@ -41,7 +41,9 @@ def _engine_costs(args, grad_path: str, batches: list[int]) -> tuple[dict, int]:
     }
     prompt = [{"prompt_token_ids": list(range(1000, 1000 + args.prompt_len))}]
     results: dict[str, dict[str, list[float]]] = {str(b): {m: [] for m in modes} for b in batches}
-    llm.generate(prompt, SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    # Warm-up per mode: ADS builds its perturbed proxy pair on first use.
+    for defense in modes.values():
+        llm.generate(prompt, SamplingParams(max_tokens=4, extra_args={"distillgame": defense}), use_tqdm=False)
     for _ in range(args.rounds):
         for b in batches:
             for mode, defense in modes.items():
