@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--gamma", type=float, default=0.65)
     r.add_argument("--cap", type=int, default=320, help="cap on the teacher trace lengths (tokens)")
     r.add_argument("--skip-none", action="store_true", help="skip our undefended row (saves time)")
+    r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="model dtype on both sides (server and HF reference)")
     r.add_argument("--note", default="")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.set_defaults(func=_reference)

@@ -203,7 +203,9 @@ async def teacher_trace_lengths(url: str, prompts: list[list[int]], cap: int) ->
 
 
 def n_requests(c: int, quick: bool) -> int:
-    return max(2, c) if quick else max(4, 2 * c)
+    # Four requests per slot: the first wave's simultaneous start and the last
+    # wave's drain are a small part of the run, as in a server's steady state.
+    return max(2, c) if quick else max(4, 4 * c)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -272,11 +274,14 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     trace_prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in trace_prompts]
     cap = 64 if quick else int(getattr(args, "cap", 320))
 
+    # Both sides in the same dtype. bfloat16 is the checkpoint's own and, on CPUs
+    # with bf16 instructions, the faster one for HF generate as well.
+    dtype = str(getattr(args, "dtype", "bfloat16"))
     work = Path(tempfile.mkdtemp(prefix="distillgame-ref-"))
     policy = work / "policy.toml"
     policy.write_text(POLICY.format(gamma=gamma))
     server = Server(["--policy", str(policy), "--max-model-len", "1024", "--max-num-seqs", str(max(concurrencies)),
-                     "--memory-share", "0.1", "--kv-cache-gib", "0.5", "--dtype", "float32"], work / "serve.log")
+                     "--memory-share", "0.1", "--kv-cache-gib", "0.5", "--dtype", dtype], work / "serve.log")
     plan: dict[tuple[str, int], list[Request]] = {}
     ours: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     trace_lengths: list[int] = []
@@ -302,8 +307,8 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
         server.stop()
 
     # The reference runs after the server is gone, so the two never share the CPU.
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
+    proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=getattr(torch, dtype)).eval()
     results = []
     for (wl, c), reqs in plan.items():
         ref = hf_serve(teacher, proxy, tok, reqs, c, gamma)
@@ -315,7 +320,7 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "reference", "command": command, "note": getattr(args, "note", ""), "gamma": gamma,
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
-        "dtype": "float32 (server and reference)", "results": results,
+        "dtype": f"{dtype} (server and reference)", "results": results,
     }
     if trace_lengths:
         report["trace_lengths"] = {"n": len(trace_lengths), "mean": sum(trace_lengths) / len(trace_lengths),

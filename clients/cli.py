@@ -92,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--grad-accum", type=int, default=None)
     t.add_argument("--max-length", type=int, default=None)
     t.add_argument("--rho", type=float, default=None)
+    t.add_argument("--val-every", type=int, default=None, help="optimizer steps between grad L_val estimates")
+    t.add_argument("--workers", type=int, default=None, help="students trained at once, one process each")
     t.add_argument("--settings", default=None,
                    help='teacher settings, e.g. "none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4"')
     t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
