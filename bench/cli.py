@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--calib", type=int, default=32, help="calibration prompts")
     c.add_argument("--holdout", type=int, default=32, help="held-out validation prompts")
     c.add_argument("--tokens", type=int, default=48, help="positions per prompt")
+    c.add_argument("--task", default="gsm-symbolic", help="task whose test prompts are used")
+    c.add_argument("--prompt-format", choices=["chat", "plain"], default="chat",
+                   help="chat template (instruct models) or the task's plain prompt (base models, the zoo)")
     c.add_argument("--tol", type=float, default=0.01, help="relative tolerance of the bisection")
     c.add_argument("--out", type=Path, default=RESULTS)
     c.set_defaults(func=_calibrate)

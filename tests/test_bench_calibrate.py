@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillgame.bench.calibrate import bisect, mean_kl, position_logprobs, run_calibrate, write_tier
+from distillgame.bench.calibrate import bisect, mean_kl, position_logprobs, prompt_kls, run_calibrate, write_tier
 from distillgame.server.policy import load_policy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "server" / "policy.example.toml"
@@ -59,6 +59,16 @@ def test_position_kl_matches_the_oracle(ref):
         kls.append(float((released.exp()[:v] * (released[:v] - teacher[:v])).sum()))
     assert mean_kl(lp, "poe", gamma) == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert mean_kl(lp, "poe", 0.6) > mean_kl(lp, "poe", gamma) > 0
+
+
+def test_prompt_kls_split_the_positions_by_trace(ref):
+    a, b = list(range(1000, 1010)), list(range(2000, 2010))
+    lp = position_logprobs(ref, [(a, 7), (b, 7)], "poe")  # 3 positions per trace
+    per = prompt_kls(lp, "poe", 0.4, 1e-4, tokens=3)
+    alone = [mean_kl(position_logprobs(ref, [(x, 7)], "poe"), "poe", 0.4) for x in (a, b)]
+    assert per.tolist() == pytest.approx(alone, rel=1e-6)
+    assert abs(float(per[0]) - float(per[1])) > 1e-3 * float(per.mean())  # two prompts, two values
+    assert float(per.mean()) == pytest.approx(mean_kl(lp, "poe", 0.4), rel=1e-9)
 
 
 def test_calibrate_end_to_end_writes_the_tier(tmp_path):
