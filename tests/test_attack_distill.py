@@ -75,8 +75,9 @@ def test_kl_of_weights_matches_rho_budget():
     assert torch.equal(tilt_weights(torch.randn(7), 0.0), uniform_weights(7))
 
 
-def test_adaptive_weights_equal_brute_force_per_example_backward(tmp_path):
-    cfg = config(tmp_path, mode="adaptive", rho=0.3, epochs=1)
+@pytest.mark.parametrize("norm", ["sum", "mean"])
+def test_adaptive_weights_equal_brute_force_per_example_backward(norm, tmp_path):
+    cfg = config(tmp_path, mode="adaptive", rho=0.3, epochs=1, value_norm=norm)
     model = lora_student(cfg)
     train_set, val_set = random_examples(16, seed=1), random_examples(5, seed=2)
     params = trainable_params(model)
@@ -96,8 +97,9 @@ def test_adaptive_weights_equal_brute_force_per_example_backward(tmp_path):
         v_ref = []
         for i in range(batch.input_ids.shape[0]):
             L = int(batch.attention_mask[i].sum())
-            logp, _ = sequence_logprobs(model(input_ids=batch.input_ids[i : i + 1, :L]).logits, batch.labels[i : i + 1, :L])
-            grads = torch.autograd.grad(logp.sum(), list(params.values()))
+            logp, count = sequence_logprobs(model(input_ids=batch.input_ids[i : i + 1, :L]).logits, batch.labels[i : i + 1, :L])
+            target = logp.sum() / count.sum() if norm == "mean" else logp.sum()
+            grads = torch.autograd.grad(target, list(params.values()))
             v_ref.append(-sum(float((g.double() * g_val[n].double()).sum()) for (n, _), g in zip(params.items(), grads)))
         v_ref = torch.tensor(v_ref, dtype=torch.float64)
         eta = eta_for_budget(v_ref, cfg.rho)

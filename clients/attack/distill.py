@@ -62,11 +62,16 @@ class DistillConfig:
     dtype: str = "float32"
     device: str = "cpu"
     vmap_chunk: int | None = None  # examples per vmap chunk (memory bound on big models)
+    # v's log p(y|x): "sum" over completion tokens (eq. 3 as written) or "mean" per
+    # token, the quantity each example's training loss takes a step on.
+    value_norm: str = "sum"
     save_merged: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("passive", "adaptive"):
             raise ValueError(f"mode must be passive or adaptive, got {self.mode!r}")
+        if self.value_norm not in ("sum", "mean"):
+            raise ValueError(f"value_norm must be sum or mean, got {self.value_norm!r}")
         self.out = Path(self.out)
 
 
@@ -199,9 +204,17 @@ def validation_grad(model: torch.nn.Module, val: list[Example], pad_id: int, bat
 
 
 def example_values(
-    model: torch.nn.Module, batch: Batch, g_val: dict[str, torch.Tensor], chunk: int | None = None
+    model: torch.nn.Module,
+    batch: Batch,
+    g_val: dict[str, torch.Tensor],
+    chunk: int | None = None,
+    norm: str = "sum",
 ) -> torch.Tensor:
     """v_i = -<grad L_val, grad log p(y_i | x_i)> over the trainable parameters (eq. 3), shape (B,).
+
+    ``norm="mean"`` divides each log p(y_i | x_i) by its completion length, so v_i
+    is the first-order change in L_val from a step on example i's own training
+    loss (its mean token NLL) instead of on its summed log-likelihood.
 
     Per-example gradients come from vmap(grad(...)) over a functional call of
     the model: one vectorized pass, not B backward passes. Each row runs alone
@@ -212,7 +225,8 @@ def example_values(
 
     def logp_one(p: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, p, args=(), kwargs={"input_ids": ids.unsqueeze(0)}).logits
-        return sequence_logprobs(logits, labels.unsqueeze(0))[0][0]
+        logp, count = sequence_logprobs(logits, labels.unsqueeze(0))
+        return logp[0] / count[0].clamp(min=1) if norm == "mean" else logp[0]
 
     with warnings.catch_warnings():
         # vmap over CPU scaled-dot-product attention falls back to a per-example
@@ -295,7 +309,7 @@ def train(
                 break
             batch = collate([train_set[i] for i in idx], pad_id)
             if adaptive:
-                v = example_values(model, batch, g_val, cfg.vmap_chunk)
+                v = example_values(model, batch, g_val, cfg.vmap_chunk, cfg.value_norm)
                 eta = cfg.eta if cfg.eta is not None else eta_for_budget(v, cfg.rho)
                 w = tilt_weights(v, eta)  # w ∝ exp(eta v), normalized in the minibatch
             else:
