@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--rho", type=float, default=0.1, help="KL(w || uniform) budget per minibatch")
     d.add_argument("--value-norm", choices=["sum", "mean"], default="sum",
                    help="v from the summed log p(y|x) (eq. 3) or its per-token mean (the training loss)")
+    d.add_argument("--placebo", action="store_true",
+                   help="control: shuffle v within each minibatch (same weight spread, no information)")
     d.add_argument("--val-task", default=None, help="task whose ground-truth solutions define L_val")
     d.add_argument("--val-split", default="validation")
     d.add_argument("--val-n", type=int, default=32)
@@ -152,6 +154,7 @@ def _distill(args: argparse.Namespace) -> int:
         rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, max_steps=args.max_steps, seed=args.seed,
         dtype=args.dtype, device=args.device, vmap_chunk=args.vmap_chunk, value_norm=args.value_norm,
+        placebo=args.placebo,
     )
     summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n)
     log.info("distilled %s student: %d steps, final loss %.4f -> %s", args.mode, summary["steps"],

@@ -136,6 +136,25 @@ def test_eta_zero_reproduces_passive_run_bit_for_bit(tmp_path):
     assert any(not torch.equal(finals["passive"][n], finals["adaptive"][n]) for n in finals["passive"])
 
 
+def test_placebo_shuffles_the_values_and_keeps_the_weight_spread(tmp_path):
+    """The placebo control's weights are the real weights in a shuffled order, nothing else."""
+    train_set, val_set = random_examples(24, seed=6), random_examples(4, seed=7)
+    seen = {}
+    for placebo in (False, True):
+        cfg = config(tmp_path / str(placebo), mode="adaptive", rho=0.2, max_steps=1, placebo=placebo)
+        rows = []
+        train(lora_student(cfg), train_set, val_set, cfg, PAD, on_step=lambda s, m, b, w, v: rows.append((v, w)))
+        seen[placebo] = rows
+    moved = 0
+    for (v, w), (v_p, w_p) in zip(seen[False], seen[True]):
+        # Step 0 starts from the same weights, so the values are the same multiset...
+        assert torch.allclose(v.sort().values, v_p.sort().values, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(w.sort().values, w_p.sort().values, atol=1e-9)
+        assert abs(kl_to_uniform(w_p) - 0.2) < 1e-6
+        moved += int(not torch.equal(w, w_p))  # ...in another order
+    assert len(seen[True]) == 2 and moved >= 1
+
+
 def pattern_examples(n: int, seed: int) -> list[Example]:
     """Arithmetic progressions (stride 3): a structured 'task' the validation set is made of."""
     g = torch.Generator().manual_seed(seed)

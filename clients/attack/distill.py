@@ -65,6 +65,9 @@ class DistillConfig:
     # v's log p(y|x): "sum" over completion tokens (eq. 3 as written) or "mean" per
     # token, the quantity each example's training loss takes a step on.
     value_norm: str = "sum"
+    # A control: shuffle v within each minibatch before the tilt, so the weights
+    # keep their spread (the same KL) but carry no information about the traces.
+    placebo: bool = False
     save_merged: bool = True
 
     def __post_init__(self) -> None:
@@ -297,6 +300,7 @@ def train(
     batches: Iterator[list[int]] = iter(micro_batches)
     history: list[dict] = []
     g_val: dict[str, torch.Tensor] | None = None
+    placebo_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: training RNG untouched
     for step in tqdm(range(n_steps), desc=f"distill {cfg.mode}", unit="step", leave=False):
         t0 = time.perf_counter()
         if adaptive and step % cfg.val_every == 0:
@@ -310,6 +314,8 @@ def train(
             batch = collate([train_set[i] for i in idx], pad_id)
             if adaptive:
                 v = example_values(model, batch, g_val, cfg.vmap_chunk, cfg.value_norm)
+                if cfg.placebo:
+                    v = v[torch.randperm(len(v), generator=placebo_gen)]
                 eta = cfg.eta if cfg.eta is not None else eta_for_budget(v, cfg.rho)
                 w = tilt_weights(v, eta)  # w ∝ exp(eta v), normalized in the minibatch
             else:
