@@ -55,7 +55,9 @@ def mean_kl(lp: PositionLogprobs, mode: str, value: float, eps: float = 1e-4, ch
     total = 0.0
     n = lp.teacher.shape[0]
     for a in range(0, n, chunk):
-        t = lp.teacher[a: a + chunk].double()
+        # Renormalized in float64: float32 storage leaves sum(exp(t)) off 1 by ~1e-7,
+        # which would otherwise show up as a KL floor of that size at gamma = 0.
+        t = torch.log_softmax(lp.teacher[a: a + chunk].double(), dim=-1)
         if mode == "poe":
             mixed = poe_mix(t, lp.proxy[a: a + chunk].double(), v)
         else:
