@@ -42,6 +42,10 @@ class EngineConfig:
     enforce_eager: bool = True
     seed: int = 0
     num_gpu_blocks_override: int | None = None
+    # Sizes the KV cache directly (vLLM's kv_cache_memory_bytes) instead of from
+    # memory_share minus what the worker already holds; on CPUs the latter goes
+    # negative for a float32 pair at a small share.
+    kv_cache_bytes: int | None = None
     disable_log_stats: bool = True
     fault_file: str | None = None
     extra_defense: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +81,8 @@ class EngineConfig:
         )
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
+        if self.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_bytes
         if _on_cpu():
             # vLLM rewinds a seeded request's generator after a step that
             # prefilled only part of its prompt (``Generator.set_offset``), and

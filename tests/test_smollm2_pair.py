@@ -13,7 +13,7 @@ from engine_helpers import Job, run_staggered, shutdown, worst_error
 @pytest.fixture(scope="module")
 def smol_llm():
     llm = build_llm(
-        EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=4, memory_share=0.12)
+        EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=4, memory_share=0.12, kv_cache_bytes=256 << 20)
     )
     yield llm
     shutdown(llm)
