@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from distillgame.bench.trace_cost import write_report
 from distillgame.clients.attack.table import Server, Setting, TableConfig, collect_setting, eval_student
 
 VARIANTS = {
@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
               if k in ("teacher", "student", "task", "n_train", "n_test", "n_val", "rank", "lr", "epochs",
                        "batch_size", "grad_accum", "max_length", "rho", "val_every")}
     result = {"command": command, "seeds": args.seeds, "config": config, "variants": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     lines = ["# Adaptive-student controls (undefended zoo traces)", "", f"Command: `{command}`", "",
              f"Same traces, data order, seed and steps; only the minibatch weights differ. rho = {cfg.rho}, "
              f"{cfg.n_test} test problems, seeds: {args.seeds}.", "",
@@ -99,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "adaptive-mean": "exp(eta v), v from mean token log p", "placebo": "adaptive weights, shuffled in the batch"}
     for n, r in rows.items():
         lines.append(f"| {n} | {what[n]} | {', '.join(f'{a:.1%}' for a in r['runs'])} | {r['mean']:.1%} |")
-    md = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, result, lines)
     return 0
 
 

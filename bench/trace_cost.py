@@ -50,6 +50,15 @@ def measure(cfg: TableConfig, rounds: int, n: int, work: Path) -> dict[str, dict
     return totals
 
 
+def write_report(out: Path, result: dict, lines: list[str]) -> None:
+    """``out`` (JSON) and the Markdown ``lines`` next to it (same stem, .md), echoed to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    md = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=None, help='as in attack table, e.g. "none;poe:gamma=0.65"')
@@ -66,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "rounds": args.rounds, "n": args.n, "task": cfg.task,
               "concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens, "teacher": cfg.teacher,
               "proxy": cfg.proxy, "machine": machine_info(), "settings": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     lines = ["# Time cost of trace generation, settings interleaved in one server", "",
              f"Command: `{command}`", "",
              f"{args.rounds} rounds x {args.n} {cfg.task} train prompts per setting, concurrency "
@@ -77,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         lines.append(f"| {r['label']} | {r['wall_s']:.1f} | {r['completion_tokens']} | {r['time_cost']:.2f}x | "
                      f"{r['time_cost_per_token']:.2f}x | {r['time_cost_latency']:.2f}x |")
-    md = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, result, lines)
     return 0
 
 
