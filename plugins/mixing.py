@@ -118,6 +118,16 @@ def ads_tilt(
     return teacher_logprobs + (lam / (2.0 * eps)) * diff
 
 
+def ads_tilt_derivative(teacher_logprobs: torch.Tensor, directional: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """ADS with the directional derivative itself: ``teacher + lam * <g, grad_theta log p_proxy>``.
+
+    The limit of :func:`ads_tilt` as ``eps -> 0`` (``directional`` from
+    :class:`~distillgame.plugins.ads_jvp.JvpProxyRunner`); ``eps`` plays no part.
+    """
+    directional = torch.nan_to_num(directional, nan=0.0, posinf=0.0, neginf=0.0)
+    return teacher_logprobs + lam * directional
+
+
 def kl_and_agreement(released_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: KL(released || teacher) at temperature 1 (eq. 1) and argmax agreement."""
     terms = torch.log_softmax(released_logits, dim=-1)

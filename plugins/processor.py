@@ -13,8 +13,15 @@ Per request, ``SamplingParams.extra_args["distillgame"]`` picks the defense:
 or ``{"mode": "none"}``. The processor rewrites defended rows before
 temperature/top-p/top-k, which vLLM then applies as usual.
 
+ADS's proxy side (``ads_method``): ``"jvp"`` computes the directional
+derivative ``<g, grad log p_proxy>`` that the finite difference approximates in
+one forward-mode pass in the proxy's own dtype (:mod:`distillgame.plugins.ads_jvp`;
+``eps`` then plays no part); ``"fd"`` runs the paper's two perturbed copies
+``theta +- eps*g`` (float32). ``"auto"`` (default) takes ``"jvp"`` where the
+proxy's architecture supports it (Llama family) and ``"fd"`` elsewhere.
+
 Per step, the proxy's work is one batched forward per proxy model (the proxy,
-and for ADS its two perturbed copies), driven by :class:`ProxyRunner`.
+and for ADS its forward-mode runner or its two perturbed copies).
 Failures are not caught: an exception here aborts the engine step, so no token
 is ever sampled from an undefended row (fail closed).
 """
@@ -34,12 +41,14 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from distillgame.plugins.ads_grad import load_gradient, perturbed_copy
+from distillgame.plugins.ads_jvp import JvpProxyRunner, unsupported_reason
 from distillgame.plugins.mixing import (
     EXTRA_ARGS_KEY,
     MODE_INDEX,
     MODES,
     Defense,
     ads_tilt,
+    ads_tilt_derivative,
     kl_and_agreement,
     parse_defense,
     poe_mix,
@@ -69,6 +78,8 @@ class DefenseSettings:
     ads_grad: str | None = None
     fault_file: str | None = None
     ads_max_eps: int = 4
+    # "auto" | "jvp" | "fd": see the module docstring.
+    ads_method: str = "auto"
     # Positions per slot allocated up front in each proxy KV cache. None: the
     # engine's max_model_len, so (like vLLM's own KV cache) the memory is
     # taken once at start and never grows while serving. A smaller value
@@ -86,6 +97,8 @@ class DefenseSettings:
             raise ValueError(f"unknown additional_config['distillgame'] keys: {unknown}; known: {sorted(known)}")
         if section.get("dtype") not in (None, *_DTYPES):
             raise ValueError(f"additional_config['distillgame']['dtype'] must be one of {list(_DTYPES)}")
+        if section.get("ads_method", "auto") not in ("auto", "jvp", "fd"):
+            raise ValueError("additional_config['distillgame']['ads_method'] must be 'auto', 'jvp' or 'fd'")
         return cls(**section)
 
 
@@ -182,6 +195,8 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.vocab = min(teacher_vocab, self.proxy.vocab_size)
         self.ads_grad = load_gradient(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
         self.ads_pairs: dict[float, _AdsPair] = {}
+        self.ads_jvp: JvpProxyRunner | None = None
+        self.ads_method = self._choose_ads_method(proxy)
 
         n_modes = len(MODES)
         self.kl_sum = torch.zeros(n_modes, dtype=torch.float64, device=self.device)
@@ -189,14 +204,37 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.agree = torch.zeros(n_modes, dtype=torch.long, device=self.device)
         logger.info(
             "defense ready: proxy vocab %d, teacher vocab %d, %d slots, proxy KV cache %.2f GiB "
-            "(%d positions per slot; each ADS eps in use adds twice that), ADS %s",
+            "(%d positions per slot; ADS adds twice that, per eps in use for fd), ADS %s",
             self.proxy.vocab_size,
             teacher_vocab,
             self.num_slots,
             self.proxy.cache.memory_bytes() / (1 << 30),
             self.cache_len,
-            "on" if self.ads_grad is not None else "off",
+            f"on ({self.ads_method})" if self.ads_grad is not None else "off",
         )
+
+    def _choose_ads_method(self, proxy: torch.nn.Module) -> str:
+        method = self.settings.ads_method
+        if method == "fd" or self.ads_grad is None:
+            return "fd"
+        reason = unsupported_reason(proxy)
+        if reason is None:
+            return "jvp"
+        if method == "jvp":
+            raise ValueError(f"ads_method 'jvp' cannot differentiate proxy {self.settings.proxy}: {reason}")
+        logger.info("ADS falls back to finite-difference copies: forward mode does not support %s", reason)
+        return "fd"
+
+    def _ads_runner(self) -> JvpProxyRunner:
+        if self.ads_jvp is None:
+            if self.ads_grad is None:
+                raise RuntimeError(
+                    "an ADS request reached an engine without an ADS gradient "
+                    "(set additional_config['distillgame']['ads_grad'])"
+                )
+            self.ads_jvp = JvpProxyRunner(self.proxy_model, self.ads_grad, self.num_slots, self.device,
+                                          self.cache_len)
+        return self.ads_jvp
 
     def is_argmax_invariant(self) -> bool:
         return not self.active
@@ -233,7 +271,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         if row is None:
             return
         self.free_slots.append(row.slot)
-        if row.defense.mode == "ads":
+        if row.defense.mode == "ads" and self.ads_method == "fd":
             pair = self.ads_pairs.get(row.defense.eps)
             if pair is not None:
                 pair.users.discard(row.slot)
@@ -252,6 +290,8 @@ class DefenseLogitsProcessor(LogitsProcessor):
             slot = self.free_slots.pop()
             if defense.mode == "poe":
                 runners: tuple[Any, ...] = (self.proxy,)
+            elif self.ads_method == "jvp":
+                runners = (self._ads_runner(),)
             else:
                 pair = self._ads_pair(defense.eps)
                 pair.users.add(slot)
@@ -313,11 +353,14 @@ class DefenseLogitsProcessor(LogitsProcessor):
             mixed[pos_t] = poe_mix(teacher[pos_t], proxy, gamma)
         if ads:
             pos_t = torch.tensor(ads, device=logits.device)
-            plus = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in ads])
-            minus = torch.stack([outputs[(id(rows[p].runners[1]), p)][:vocab] for p in ads])
             lam = torch.tensor([rows[p].defense.lam for p in ads], device=logits.device)[:, None]
-            eps = torch.tensor([rows[p].defense.eps for p in ads], device=logits.device)[:, None]
-            mixed[pos_t] = ads_tilt(teacher[pos_t], plus, minus, lam, eps)
+            first = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in ads])
+            if self.ads_method == "jvp":
+                mixed[pos_t] = ads_tilt_derivative(teacher[pos_t], first, lam)
+            else:
+                minus = torch.stack([outputs[(id(rows[p].runners[1]), p)][:vocab] for p in ads])
+                eps = torch.tensor([rows[p].defense.eps for p in ads], device=logits.device)[:, None]
+                mixed[pos_t] = ads_tilt(teacher[pos_t], first, minus, lam, eps)
 
         logits[index_t, :vocab] = mixed.to(logits.dtype)
         if logits.shape[1] > vocab:
@@ -343,6 +386,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         if not self.active:
             return 0
         runners = [self.proxy] + [r for p in self.ads_pairs.values() for r in (p.plus, p.minus)]
+        runners += [self.ads_jvp] if self.ads_jvp is not None else []
         return sum(r.cache.memory_bytes() for r in runners)
 
 

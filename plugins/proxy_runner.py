@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers.cache_utils import Cache
@@ -38,6 +38,25 @@ _GEMM_ATTR = "_distillgame_gemm"
 
 def _engine_linear(ops, handler, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return ops.onednn_mm(handler, x, bias)
+
+
+def _onednn_ops():
+    """vLLM's custom ops module where it has the oneDNN GEMM (CPU builds), else None."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:
+        return None
+    return ops if getattr(ops, "_supports_onednn", False) else None
+
+
+def engine_gemm(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ weight.T`` on the engine's GEMM (oneDNN, weight packed once) where it applies, else ``F.linear``."""
+    ops = _onednn_ops() if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) else None
+    if ops is None:
+        return functools.partial(torch.nn.functional.linear, weight=weight)
+    handler = ops.create_onednn_mm(weight.t(), 32)
+    handler.weight = weight  # keeps the source alive for as long as the handler
+    return functools.partial(_engine_linear, ops, handler, None)
 
 
 def use_engine_gemm(model: torch.nn.Module) -> int:
@@ -52,11 +71,8 @@ def use_engine_gemm(model: torch.nn.Module) -> int:
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu":
         return 0
-    try:
-        from vllm import _custom_ops as ops
-    except ImportError:
-        return 0
-    if not getattr(ops, "_supports_onednn", False):
+    ops = _onednn_ops()
+    if ops is None:
         return 0
     count = 0
     for module in model.modules():
@@ -117,6 +133,7 @@ class SlotKVCache(Cache):
         self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._slots: torch.Tensor | None = None
         self._write_pos: torch.Tensor | None = None
+        self._rows: slice | torch.Tensor | None = None
         self._kv_len = 0
 
     @property
@@ -142,6 +159,11 @@ class SlotKVCache(Cache):
         self._slots = slots
         self._write_pos = starts[:, None] + torch.arange(width, device=starts.device)[None, :]
         self._kv_len = kv_len
+        # Rows on consecutive slots (the usual case: slots are handed out in
+        # order) read their keys/values as a view instead of a gathered copy.
+        first = int(slots[0])
+        consecutive = bool(torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)))
+        self._rows = slice(first, first + len(slots)) if consecutive else slots
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         assert self._slots is not None and self._write_pos is not None, "plan() must precede a forward"
@@ -149,8 +171,8 @@ class SlotKVCache(Cache):
         # Advanced indices split by a slice put the indexed dims first: [B, T, H, D].
         self.keys[layer_idx][slots, :, self._write_pos, :] = key_states.transpose(1, 2)
         self.values[layer_idx][slots, :, self._write_pos, :] = value_states.transpose(1, 2)
-        keys = self.keys[layer_idx][self._slots, :, : self._kv_len, :]
-        values = self.values[layer_idx][self._slots, :, : self._kv_len, :]
+        keys = self.keys[layer_idx][self._rows, :, : self._kv_len, :]
+        values = self.values[layer_idx][self._rows, :, : self._kv_len, :]
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -95,7 +95,10 @@ def test_fidelity_counters_track_defended_tokens(tiny_llm):
 
 def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_grads, tiny_llm):
     """A KV cache of 4 blocks forces preemption; PoE, ADS and none rows still match the oracle,
-    and with proxy == teacher PoE releases exactly the teacher's distribution."""
+    and with proxy == teacher PoE releases exactly the teacher's distribution.
+
+    This engine runs ADS by the finite-difference copies (``ads_method = "fd"``;
+    the shared engine runs the forward-mode default), so both methods meet an oracle."""
     teacher, _ = tiny_pair
     block = tiny_llm.llm_engine.vllm_config.cache_config.block_size
     small = build_llm(
@@ -109,6 +112,7 @@ def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair
             memory_share=0.12,
             disable_log_stats=False,
             num_gpu_blocks_override=4,
+            extra_defense={"ads_method": "fd"},
         )
     )
     try:
@@ -121,7 +125,7 @@ def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair
             job.arrive_at_step = 0
         run_staggered(small, jobs)
         assert num_preemptions(small) > 0
-        ref = ReferenceModels(teacher, teacher, ads_grad=load_file(str(tiny_grads["teacher"])))
+        ref = ReferenceModels(teacher, teacher, ads_grad=load_file(str(tiny_grads["teacher"])), ads_method="fd")
         assert worst_error(ref, jobs) < TOL
         not_ads = [j for j in jobs if j.defense["mode"] != "ads"]
         assert worst_error(ref, not_ads, defense_override={"mode": "none"}) < TOL
