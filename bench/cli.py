@@ -69,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--prompt-format", choices=["chat", "plain"], default="chat",
                    help="chat template (instruct models) or the task's plain prompt (base models, the zoo)")
     c.add_argument("--tol", type=float, default=0.01, help="relative tolerance of the bisection")
+    c.add_argument("--store", choices=["float32", "float16"], default="float32",
+                   help="dtype of the stored per-position log-probs (float16 halves the memory of large runs)")
     c.add_argument("--out", type=Path, default=RESULTS)
     c.set_defaults(func=_calibrate)
 

@@ -280,8 +280,11 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="distillgame-ref-"))
     policy = work / "policy.toml"
     policy.write_text(POLICY.format(gamma=gamma))
+    # KV cache for every slot at the full 1024 positions (SmolLM2: 23 KB per token in bf16),
+    # so long traces at concurrency 32 are never preempted.
+    kv_gib = max(0.5, max(concurrencies) * 1024 * 24 * 1024 / (1 << 30))
     server = Server(["--policy", str(policy), "--max-model-len", "1024", "--max-num-seqs", str(max(concurrencies)),
-                     "--memory-share", "0.1", "--kv-cache-gib", "0.5", "--dtype", dtype], work / "serve.log")
+                     "--memory-share", "0.1", "--kv-cache-gib", f"{kv_gib:.2f}", "--dtype", dtype], work / "serve.log")
     plan: dict[tuple[str, int], list[Request]] = {}
     ours: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     trace_lengths: list[int] = []

@@ -211,10 +211,39 @@ class JvpProxyRunner:
 
         return unfold(attn), unfold(dattn)
 
+    @torch.inference_mode()
+    def sequence(self, token_ids: Sequence[int], start: int, slot: int = 0) -> torch.Tensor:
+        """``D`` at every position from ``start`` on: row ``i`` is for the token after ``token_ids[:start + i]``.
+
+        One full forward of the sequence (teacher forcing), as calibration needs;
+        ``slot``'s cache is reset and then holds the sequence.
+        """
+        self.reset(slot)
+        h, dh, width = self._trunk([slot], [token_ids])
+        picked = torch.arange(start - 1, len(token_ids) - 1, device=self.device)
+        return self._head_derivative(h[picked], dh[picked])
+
     def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
+        h, dh, width = self._trunk(slots, tokens)
+        n_new = torch.tensor([len(t) for t in tokens], dtype=torch.long, device=self.device)
+        last = (n_new - 1).clamp_min(0) + torch.arange(len(slots), device=self.device) * width
+        deriv = self._head_derivative(h[last], dh[last])
+        out[torch.tensor(rows, device=self.device)] = deriv
+        self.last[torch.tensor(slots, dtype=torch.long, device=self.device)] = deriv
+
+    def _head_derivative(self, h: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+        x, dx = self.norm(h, dh)
+        z, dz = self.head(x, dx)
+        logp = torch.log_softmax(z.float(), dim=-1)
+        dz = dz.float()
+        # d log softmax(z) = dz - E_p[dz]
+        return dz - (logp.exp() * dz).sum(-1, keepdim=True)
+
+    def _trunk(self, slots: list[int], tokens: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The decoder over each row's new tokens: hidden states and tangents ``[rows * width, hidden]``."""
         dev = self.device
         width = max(len(t) for t in tokens)
-        batch = len(rows)
+        batch = len(slots)
         ids = torch.zeros(batch, width, dtype=torch.long)
         for b, toks in enumerate(tokens):
             ids[b, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
@@ -262,14 +291,6 @@ class JvpProxyRunner:
             y, dy = layer.down(m, dm)
             h, dh = h + y, dh + dy
 
-        last = (n_new - 1).clamp_min(0) + torch.arange(batch, device=dev) * width
-        x, dx = self.norm(h[last], dh[last])
-        z, dz = self.head(x, dx)
-        logp = torch.log_softmax(z.float(), dim=-1)
-        dz = dz.float()
-        # d log softmax(z) = dz - E_p[dz]
-        deriv = dz - (logp.exp() * dz).sum(-1, keepdim=True)
-        out[torch.tensor(rows, device=dev)] = deriv
-        self.last[slot_t] = deriv
         for s, n in zip(slots, n_new.tolist()):
             self.lengths[s] += n
+        return h, dh, width

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=None, help="teacher model folder or id (default: embedded SmolLM2)")
     p.add_argument("--proxy", default=None, help="proxy model folder or id (default: embedded, first 10 layers)")
     p.add_argument("--ads-grad", default=None, help="proxy gradient file for ADS tiers (.safetensors)")
+    p.add_argument("--ads-method", choices=["auto", "jvp", "fd"], default="auto",
+                   help="ADS's proxy side: forward mode (jvp; auto for Llama-family proxies) or the "
+                        "finite-difference copies theta +- eps g (fd)")
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
     p.add_argument("--gamma", type=float, default=None,
@@ -76,7 +79,8 @@ def serve(args: argparse.Namespace) -> int:
         teacher=args.teacher, proxy=args.proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file,
-        extra_defense={"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {},
+        extra_defense={"ads_method": args.ads_method,
+                       **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
     )
     kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
     metrics = ServerMetrics()

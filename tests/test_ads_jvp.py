@@ -79,3 +79,14 @@ def test_unsupported_proxy_is_refused_with_the_reason(tmp_path):
     assert "hidden_act" in unsupported_reason(model)
     with pytest.raises(ValueError, match="does not support this proxy: hidden_act"):
         JvpProxyRunner(model, {}, num_slots=1, device=torch.device("cpu"))
+
+
+def test_sequence_gives_every_position_of_a_teacher_forced_trace(tiny_pair, grad):
+    teacher, proxy = tiny_pair
+    ref = ReferenceModels(teacher, proxy, ads_grad=grad)
+    runner = JvpProxyRunner(ref.proxy, grad, num_slots=1, device=torch.device("cpu"), initial_capacity=4)
+    ids = [5, 9, 13, 17, 21, 25, 29, 33]
+    rows = runner.sequence(ids, start=5)
+    assert rows.shape[0] == 3
+    for i, k in enumerate(range(5, 8)):
+        assert _rel(rows[i], ref.directional(ids[:k])) < 1e-5

@@ -61,10 +61,46 @@ def test_position_kl_matches_the_oracle(ref):
     assert mean_kl(lp, "poe", 0.6) > mean_kl(lp, "poe", gamma) > 0
 
 
+@pytest.fixture(scope="module")
+def ads_ref(ref):
+    from distillgame.plugins.reference import ReferenceModels
+
+    g = torch.Generator().manual_seed(0)
+    grad = {n: 1e-3 * torch.randn(p.shape, generator=g) for n, p in ref.proxy.named_parameters()}
+    return ReferenceModels(ref.teacher_path, ref.proxy_path, ads_grad=grad)
+
+
+def test_ads_position_kl_matches_the_oracle(ads_ref):
+    ids = list(range(1000, 1012))
+    lp = position_logprobs(ads_ref, [(ids, 8)], "ads")
+    assert lp.directional.shape == lp.teacher.shape and lp.proxy is None
+    assert mean_kl(lp, "ads", 0.0) == pytest.approx(0.0, abs=1e-9)
+    lam = 2.0
+    kls = []
+    for k in range(8, 12):
+        released = ads_ref.next_token_logprobs(ids[:k], {"mode": "ads", "lam": lam, "eps": 1e-4})
+        teacher = ads_ref.next_token_logprobs(ids[:k], {"mode": "none"})
+        v = lp.teacher.shape[1]
+        kls.append(float((released.exp()[:v] * (released[:v] - teacher[:v])).sum()))
+    assert sum(kls) > 1e-3
+    assert mean_kl(lp, "ads", lam) == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+
+
+def test_float16_storage_moves_the_kl_by_under_one_percent(ref, ads_ref):
+    ids = list(range(3000, 3040))
+    for mode, r, value in (("poe", ref, 0.3), ("ads", ads_ref, 2.0)):
+        wide = mean_kl(position_logprobs(r, [(ids, 10)], mode), mode, value)
+        half_lp = position_logprobs(r, [(ids, 10)], mode, torch.float16)
+        assert half_lp.teacher.dtype == torch.float16
+        half = mean_kl(half_lp, mode, value)
+        print(f"{mode}: KL {wide:.6f} (float32) vs {half:.6f} (float16)")
+        assert abs(half - wide) < 1e-2 * wide
+
+
 def test_prompt_kls_split_the_positions_by_trace(ref):
     a, b = list(range(1000, 1010)), list(range(2000, 2010))
     lp = position_logprobs(ref, [(a, 7), (b, 7)], "poe")  # 3 positions per trace
-    per = prompt_kls(lp, "poe", 0.4, 1e-4, tokens=3)
+    per = prompt_kls(lp, "poe", 0.4, tokens=3)
     alone = [mean_kl(position_logprobs(ref, [(x, 7)], "poe"), "poe", 0.4) for x in (a, b)]
     assert per.tolist() == pytest.approx(alone, rel=1e-6)
     assert abs(float(per[0]) - float(per[1])) > 1e-3 * float(per.mean())  # two prompts, two values
