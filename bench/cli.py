@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--skip-none", action="store_true", help="skip our undefended row (saves time)")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="model dtype on both sides (server and HF reference)")
+    r.add_argument("--reuse-reference", type=Path, default=None, metavar="JSON",
+                   help="take the requests (trace lengths) and the HF reference's results from an earlier "
+                        "reference.json and time only our server (the reference code does not change with ours)")
     r.add_argument("--note", default="")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.set_defaults(func=_reference)

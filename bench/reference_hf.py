@@ -213,6 +213,10 @@ def markdown(report: dict[str, Any]) -> str:
              "", f"Command: `{report['command']}`", ""]
     if report.get("note"):
         lines += [f"Note: {report['note']}", ""]
+    if report.get("reference_from"):
+        rf = report["reference_from"]
+        lines += [f"Reference columns and request lengths reused from `{rf['file']}` (`{rf['command']}`); "
+                  "only our server was timed in this run.", ""]
     if report.get("trace_lengths"):
         tl = report["trace_lengths"]
         lines += [f"Trace lengths (teacher's own GSM-Symbolic answers, tokens): mean {tl['mean']:.0f}, "
@@ -288,19 +292,28 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     plan: dict[tuple[str, int], list[Request]] = {}
     ours: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     trace_lengths: list[int] = []
+    reuse = getattr(args, "reuse_reference", None)
+    earlier = json.loads(Path(reuse).read_text()) if reuse else None
+    stored = {(r["workload"], r["concurrency"]): r for r in earlier["results"]} if earlier else {}
     try:
         server.wait_ready()
-        if "traces" in workloads:
+        if earlier is not None:
+            trace_lengths = list(earlier.get("trace_lengths", {}).get("values", []))
+        elif "traces" in workloads:
             trace_lengths = asyncio.run(teacher_trace_lengths(server.url, trace_prompts, cap))
             logger.info("teacher trace lengths: %s", trace_lengths)
         for wl in workloads:
             for c in concurrencies:
                 n = n_requests(c, quick)
-                if wl == "fixed":
-                    reqs = [Request(fixed_prompts[i % len(fixed_prompts)], 16 if quick else args.max_tokens)
-                            for i in range(n)]
+                prompts = [fixed_prompts[i % len(fixed_prompts)] if wl == "fixed" else trace_prompts[i] for i in range(n)]
+                if earlier is not None:  # the very requests the stored reference served
+                    if (wl, c) not in stored:
+                        raise SystemExit(f"{reuse} has no {wl} run at concurrency {c}")
+                    reqs = [Request(p, m) for p, m in zip(prompts, stored[(wl, c)]["max_tokens"])]
+                elif wl == "fixed":
+                    reqs = [Request(p, 16 if quick else args.max_tokens) for p in prompts]
                 else:
-                    reqs = [Request(trace_prompts[i], max(1, trace_lengths[i])) for i in range(n)]
+                    reqs = [Request(p, max(1, trace_lengths[i])) for i, p in enumerate(prompts)]
                 plan[(wl, c)] = reqs
                 ours[(wl, c)] = {"poe": asyncio.run(server_serve(server.url, "sk-bench-poe", reqs, c))}
                 if not getattr(args, "skip_none", False):
@@ -310,11 +323,12 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
         server.stop()
 
     # The reference runs after the server is gone, so the two never share the CPU.
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
-    proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=getattr(torch, dtype)).eval()
+    if earlier is None:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
+        proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=getattr(torch, dtype)).eval()
     results = []
     for (wl, c), reqs in plan.items():
-        ref = hf_serve(teacher, proxy, tok, reqs, c, gamma)
+        ref = stored[(wl, c)]["reference_poe"] if earlier is not None else hf_serve(teacher, proxy, tok, reqs, c, gamma)
         logger.info("reference %s c=%d: %s", wl, c, ref)
         results.append({"workload": wl, "concurrency": c, "requests": len(reqs),
                         "max_tokens": [r.max_tokens for r in reqs], "ours_poe": ours[(wl, c)]["poe"],
@@ -325,6 +339,9 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "dtype": f"{dtype} (server and reference)", "results": results,
     }
+    if earlier is not None:
+        report["reference_from"] = {"file": str(reuse), "command": earlier.get("command"), "note": earlier.get("note"),
+                                    "machine": earlier.get("machine")}
     if trace_lengths:
         report["trace_lengths"] = {"n": len(trace_lengths), "mean": sum(trace_lengths) / len(trace_lengths),
                                    "min": min(trace_lengths), "max": max(trace_lengths), "values": trace_lengths}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillgame.plugins.proxy_runner import SlotKVCache, engine_gemm
+from distillgame.plugins.proxy_runner import SlotKVCache, SlotRunner, engine_gemm
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -102,12 +102,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class JvpProxyRunner:
+class JvpProxyRunner(SlotRunner):
     """Per-slot incremental decoding of the proxy and its tangent along ``g``.
 
     Same contract as :class:`~distillgame.plugins.proxy_runner.ProxyRunner`
     (slots, :meth:`reset`, one :meth:`step` per engine step), but :meth:`step`
-    returns ``D[token] = d/dt log p_proxy(token | prefix; theta + t g)`` at ``t = 0``.
+    returns ``D[token] = d/dt log p_proxy(token | prefix; theta + t g)`` at ``t = 0``
+    instead of log-probs.
     """
 
     def __init__(
@@ -158,24 +159,6 @@ class JvpProxyRunner:
                                  device, initial_capacity)
         self.lengths = [0] * num_slots
         self.last = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-    @torch.inference_mode()
-    def step(self, slots: Sequence[int], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Feed each row its new tokens; return ``D`` for the next token, ``[rows, vocab]`` float32."""
-        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
-        rows_one = [i for i, toks in enumerate(new_tokens) if len(toks) == 1]
-        rows_many = [i for i, toks in enumerate(new_tokens) if len(toks) > 1]
-        for group in (rows_one, rows_many):
-            if group:
-                self._forward(group, [slots[i] for i in group], [new_tokens[i] for i in group], out)
-        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
-        if rows_none:
-            idx = torch.tensor([slots[i] for i in rows_none], device=self.device)
-            out[torch.tensor(rows_none, device=self.device)] = self.last[idx]
-        return out
 
     def _attention(self, layer_idx: int, q, dq, k, dk, v, dv, mask):
         """Causal attention over the slot cache and its tangent; inputs ``[B, T, heads, D]``.

@@ -104,6 +104,37 @@ def plain_linears(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.forward = forward
 
 
+ATTENTION = "distillgame_slots"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA for grouped KV heads without repeating the keys/values (transformers attention interface).
+
+    transformers' own SDPA path repeats each KV head for its query heads
+    whenever a mask is given (as the slot cache's per-row mask always is):
+    three copies of every cached key and value per layer and step for
+    SmolLM2, the biggest cost of a long-context decode step. Here each KV
+    head's query heads are folded into the query axis instead, and the mask
+    repeats along with them.
+    ``query`` is ``[B, H, T, D]``, ``key``/``value`` ``[B, Hkv, S, D]``; returns ``([B, T, H, D], None)``.
+    """
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    rep = h // hkv
+    q = query.reshape(b, hkv, rep * t, d)  # head h = kv * rep + r, so rows are (r, t) within a KV head
+    mask = attention_mask
+    if mask is not None and rep > 1:
+        mask = mask.repeat(1, 1, rep, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.view(b, h, t, d).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, grouped_query_attention)
+
+
 class SlotKVCache(Cache):
     """Per-slot key/value buffers with one length per slot.
 
@@ -171,8 +202,13 @@ class SlotKVCache(Cache):
         # Advanced indices split by a slice put the indexed dims first: [B, T, H, D].
         self.keys[layer_idx][slots, :, self._write_pos, :] = key_states.transpose(1, 2)
         self.values[layer_idx][slots, :, self._write_pos, :] = value_states.transpose(1, 2)
-        keys = self.keys[layer_idx][self._rows, :, : self._kv_len, :]
-        values = self.values[layer_idx][self._rows, :, : self._kv_len, :]
+        if isinstance(self._rows, slice):
+            rows = self._rows
+            return self.keys[layer_idx][rows, :, : self._kv_len], self.values[layer_idx][rows, :, : self._kv_len]
+        # index_select copies each slot's block in one go: about 3x faster here than
+        # advanced indexing, which goes element-strided (2.0 vs 0.7 ms for 32 slots x 700 positions).
+        keys = torch.index_select(self.keys[layer_idx][:, :, : self._kv_len], 0, self._slots)
+        values = torch.index_select(self.values[layer_idx][:, :, : self._kv_len], 0, self._slots)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -182,7 +218,48 @@ class SlotKVCache(Cache):
         return sum(b.numel() * b.element_size() for b in self.keys + self.values)
 
 
-class ProxyRunner:
+class SlotRunner:
+    """What the per-slot runners share: slots, :meth:`reset`, and :meth:`step` splitting rows by how much is new.
+
+    A subclass sets ``lengths`` (tokens in each slot's cache), ``last`` (the
+    last answer per slot, ``[slots, vocab]``), ``vocab_size`` and ``device``,
+    and implements ``_forward(rows, slots, tokens, out)`` for rows with new tokens.
+    """
+
+    lengths: list[int]
+    last: torch.Tensor
+    vocab_size: int
+    device: torch.device
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    @torch.inference_mode()
+    def step(self, slots: Sequence[int], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed each row its new tokens; return the rows' answers for the next token ``[rows, vocab]`` (float32).
+
+        ``new_tokens[i]`` continues slot ``slots[i]`` from its current length.
+        Prefill rows and one-token rows go in separate forwards; a row with
+        nothing new (e.g. a chunked-prefill step whose sample is discarded)
+        gets its slot's last answer again.
+        """
+        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
+        rows_one = [i for i, toks in enumerate(new_tokens) if len(toks) == 1]
+        rows_many = [i for i, toks in enumerate(new_tokens) if len(toks) > 1]
+        for group in (rows_one, rows_many):
+            if group:
+                self._forward(group, [slots[i] for i in group], [new_tokens[i] for i in group], out)
+        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
+        if rows_none:
+            idx = torch.tensor([slots[i] for i in rows_none], device=self.device)
+            out[torch.tensor(rows_none, device=self.device)] = self.last[idx]
+        return out
+
+    def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class ProxyRunner(SlotRunner):
     """Runs one proxy model (or a perturbed copy of it) for many requests at once.
 
     Slots are owned by the caller (the logits processor): it allocates a slot
@@ -193,6 +270,8 @@ class ProxyRunner:
     def __init__(self, model: torch.nn.Module, num_slots: int, device: torch.device, initial_capacity: int = 128) -> None:
         self.model = model
         self.engine_gemm_layers = use_engine_gemm(model)
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_heads = text_config.num_attention_heads
@@ -206,32 +285,10 @@ class ProxyRunner:
         )
         self.lengths = [0] * num_slots  # tokens already in each slot's cache
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        # The last next-token log-probs per slot: reused when a row has no new
-        # token this step (e.g. a chunked-prefill step whose sample is discarded).
-        self.last_logprobs = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
+        # The last next-token log-probs per slot (see SlotRunner.step).
+        self.last = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
         self._decoder = getattr(model, "model", None)
         self._head = model.get_output_embeddings()
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-    @torch.inference_mode()
-    def step(self, slots: Sequence[int], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Feed each row its new tokens; return next-token log-probs ``[rows, vocab]`` (float32).
-
-        ``new_tokens[i]`` continues slot ``slots[i]`` from its current length.
-        """
-        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
-        rows_one = [i for i, toks in enumerate(new_tokens) if len(toks) == 1]
-        rows_many = [i for i, toks in enumerate(new_tokens) if len(toks) > 1]
-        for group in (rows_one, rows_many):
-            if group:
-                self._forward(group, [slots[i] for i in group], [new_tokens[i] for i in group], out)
-        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
-        if rows_none:
-            idx = torch.tensor([slots[i] for i in rows_none], device=self.device)
-            out[torch.tensor(rows_none, device=self.device)] = self.last_logprobs[idx]
-        return out
 
     def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
         width = max(len(t) for t in tokens)
@@ -267,6 +324,6 @@ class ProxyRunner:
             ).logits[torch.arange(batch, device=self.device), last]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         out[torch.tensor(rows, device=self.device)] = logprobs
-        self.last_logprobs[slot_t] = logprobs
+        self.last[slot_t] = logprobs
         for s, n in zip(slots, n_new.tolist()):
             self.lengths[s] += n
