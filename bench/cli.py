@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--workload", choices=["fixed", "traces", "both"], default="both")
     r.add_argument("--max-tokens", type=int, default=64, help="fixed-length workload's output length")
     r.add_argument("--gamma", type=float, default=0.65)
-    r.add_argument("--cap", type=int, default=320, help="cap on the teacher trace lengths (tokens)")
+    r.add_argument("--cap", type=int, default=800,
+                   help="cap on the teacher trace lengths (tokens; prompt + cap must fit max_model_len 1024)")
     r.add_argument("--skip-none", action="store_true", help="skip our undefended row (saves time)")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="model dtype on both sides (server and HF reference)")

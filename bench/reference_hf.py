@@ -276,7 +276,7 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     trace_prompts = [tok.apply_chat_template(build_chat_messages(p, "gsm-symbolic"), add_generation_prompt=True,
                                              tokenize=True) for p in problems]
     trace_prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in trace_prompts]
-    cap = 64 if quick else int(getattr(args, "cap", 320))
+    cap = 64 if quick else int(getattr(args, "cap", 800))
 
     # Both sides in the same dtype. bfloat16 is the checkpoint's own and, on CPUs
     # with bf16 instructions, the faster one for HF generate as well.
