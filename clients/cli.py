@@ -1,4 +1,4 @@
-"""``distillgame attack {collect,distill,eval,table}``: the attack harness's commands.
+"""``distillgame attack {collect,distill,values,eval,table}``: the attack harness's commands.
 
 Heavy imports (torch, openai, vLLM) happen inside the handlers, so ``--help``
 stays fast and other commands do not pay for them.
@@ -45,10 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--value-norm", choices=["sum", "mean"], default="sum",
                    help="v from the summed log p(y|x) (eq. 3) or its per-token mean (the training loss)")
     d.add_argument("--placebo", action="store_true",
-                   help="control: shuffle v within each minibatch (same weight spread, no information)")
-    d.add_argument("--val-task", default=None, help="task whose ground-truth solutions define L_val")
-    d.add_argument("--val-split", default="validation")
-    d.add_argument("--val-n", type=int, default=32)
+                   help="control: shuffle the values (minibatch: within each minibatch; released: over the whole "
+                        "set), same weight spread, no information")
+    _released_args(d)
     d.add_argument("--val-every", type=int, default=1, help="optimizer steps between grad L_val estimates")
     d.add_argument("--rank", type=int, default=128)
     d.add_argument("--lora-alpha", type=int, default=None)
@@ -64,6 +63,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--vmap-chunk", type=int, default=None)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.set_defaults(func=_distill)
+
+    v = sub.add_parser("values", help="the released protocol's per-trace values and weights at theta_0 (JSONL)")
+    v.add_argument("--traces", type=Path, required=True)
+    v.add_argument("--student", required=True, help="transformers causal LM folder or id")
+    v.add_argument("--out", type=Path, required=True, help='values JSONL: {"id", "value", "weight"} per trace')
+    _released_args(v, weighting_choices=["released"])
+    v.add_argument("--rank", type=int, default=128)
+    v.add_argument("--lora-alpha", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=6)
+    v.add_argument("--max-length", type=int, default=2048)
+    v.add_argument("--seed", type=int, default=0, help="seeds the LoRA initialization theta_0")
+    v.add_argument("--dtype", default="float32")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--placebo", action="store_true", help="shuffle the weights over the set (a control)")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v.set_defaults(func=_values)
 
     e = sub.add_parser("eval", help="student accuracy (local vLLM) or teacher accuracy (through its endpoint)")
     e.add_argument("--student", default=None, help="student folder (e.g. DISTILL_OUT/merged)")
@@ -100,9 +115,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=None, help="students trained at once, one process each")
     t.add_argument("--settings", default=None,
                    help='teacher settings, e.g. "none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4"')
+    t.add_argument("--attackers", default=None,
+                   help="comma-separated attackers (default: passive,adaptive-minibatch,adaptive-released,"
+                        "filter-correct,filter-degenerate; passive is always run)")
+    t.add_argument("--placebo", action="store_true", help="also the placebo control (shuffled minibatch values)")
+    t.add_argument("--beta", type=float, default=None, help="released protocol: w = exp(beta clip(a)) / mean")
+    t.add_argument("--fd-eps", type=float, default=None, help="released protocol: central-difference step")
+    t.add_argument("--clip", type=float, default=None, help="released protocol: clip of a")
+    t.add_argument("--n-val-traces", type=int, default=None,
+                   help="undefended teacher traces on the validation split for the released protocol's L_val")
     t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
     t.add_argument("--base-url", default=None, help="attack a running server instead of starting one")
     t.set_defaults(func=_table)
+
+
+def _released_args(p: argparse.ArgumentParser, weighting_choices: list[str] | None = None) -> None:
+    """Flags shared by ``distill`` and ``values``: weighting protocol, its numbers, filters, L_val."""
+    choices = weighting_choices or ["minibatch", "released"]
+    p.add_argument("--weighting", choices=choices, default=choices[0],
+                   help="adaptive weights: minibatch (eq. 3 at the current theta, tilt per minibatch) or released "
+                        "(the authors' code: fixed weights exp(beta clip(a)) from theta_0 over the whole set)")
+    p.add_argument("--beta", type=float, default=0.5, help="released: w = exp(beta clip(a)) / mean")
+    p.add_argument("--fd-eps", type=float, default=0.01, help="released: central-difference step along g")
+    p.add_argument("--clip", type=float, default=10.0, help="released: a is clipped to [-clip, clip]")
+    p.add_argument("--value-sign", type=int, choices=[1, -1], default=1,
+                   help="+1: each protocol's own sign (eq. 3's v; the released a); -1 negates the value")
+    p.add_argument("--value-dtype", default="float64", help="released: dtype of g and the perturbed copies")
+    p.add_argument("--filter", action="append", choices=["degenerate", "correct"], default=[], dest="filters",
+                   help="drop traces first (repeatable): degenerate (foreign script / a token 8x in a row) or "
+                        "correct (keep only right final answers)")
+    p.add_argument("--val-traces", type=Path, default=None,
+                   help="traces JSONL defining L_val (e.g. the undefended teacher on a holdout split)")
+    p.add_argument("--val-task", default=None, help="else: task whose ground-truth solutions define L_val")
+    p.add_argument("--val-split", default="validation")
+    p.add_argument("--val-n", type=int, default=32)
 
 
 def _endpoint_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -154,11 +200,32 @@ def _distill(args: argparse.Namespace) -> int:
         rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, max_steps=args.max_steps, seed=args.seed,
         dtype=args.dtype, device=args.device, vmap_chunk=args.vmap_chunk, value_norm=args.value_norm,
-        placebo=args.placebo,
+        placebo=args.placebo, weighting=args.weighting, beta=args.beta, fd_eps=args.fd_eps, clip=args.clip,
+        value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters,
     )
-    summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n)
-    log.info("distilled %s student: %d steps, final loss %.4f -> %s", args.mode, summary["steps"],
-             summary["final_loss"], args.out)
+    summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n,
+                      val_traces=args.val_traces)
+    log.info("distilled %s student: %d steps, final loss %.4f, dropped %s -> %s", args.mode, summary["steps"],
+             summary["final_loss"], summary["dropped"], args.out)
+    return 0
+
+
+def _values(args: argparse.Namespace) -> int:
+    import torch
+
+    from distillgame.clients.attack.distill import DistillConfig, values
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DistillConfig(
+        student=args.student, out=args.out.parent, mode="adaptive", weighting=args.weighting, rank=args.rank,
+        lora_alpha=args.lora_alpha, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        dtype=args.dtype, device=args.device, beta=args.beta, fd_eps=args.fd_eps, clip=args.clip,
+        value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters, placebo=args.placebo,
+    )
+    stats = values(cfg, args.traces, args.out, val_traces=args.val_traces, val_task=args.val_task,
+                   val_split=args.val_split, val_n=args.val_n)
+    log.info("values of %d traces -> %s: %s", stats["n"], args.out, stats)
     return 0
 
 

@@ -6,15 +6,26 @@ completion tokens only (prompt tokens masked with -100, as TRL's
 completion-only collators do). Defaults are the paper's (rank 128, lr 5e-4,
 3 epochs, batch 6 x grad-accum 4, max length 2048); flags scale them down.
 
-Two students share everything (data order, seed, steps, initialisation); only
-the minibatch weights differ:
+All students share everything (data order, seed, steps, initialisation); only
+the weights differ:
 
 - passive: ``w_i = 1/B``;
-- adaptive: ``w ∝ exp(eta v)`` over the minibatch (Theorem 3.1), with
-  ``v(x, y) = -<grad L_val(theta), grad log p(y|x; theta)>`` (eq. 3) over the
-  LoRA parameters at the current theta, ``L_val`` the loss on a fixed set of
-  ground-truth solutions (its gradient re-estimated every ``val_every`` steps).
-  ``eta`` is fixed, or set per minibatch so that KL(w || uniform) = rho.
+- adaptive, ``weighting="minibatch"`` (the paper's text): ``w ∝ exp(eta v)`` over
+  the minibatch (Theorem 3.1), with ``v(x, y) = -<grad L_val(theta), grad log
+  p(y|x; theta)>`` (eq. 3) over the LoRA parameters at the current theta,
+  ``L_val`` the loss on a fixed validation set (its gradient re-estimated every
+  ``val_every`` steps). ``eta`` is fixed, or set per minibatch so that
+  KL(w || uniform) = rho.
+- adaptive, ``weighting="released"`` (the authors' released code): once, at the
+  LoRA-initialized theta_0 and over the whole training set, ``g = grad L_val``
+  and ``a_i = (NLL_i(theta_0 - eps g) - NLL_i(theta_0 + eps g)) / (2 eps)``
+  (NLL_i the mean token NLL of trace i; to first order ``<g, grad log p_i>``
+  per token, i.e. minus eq. 3's v); ``w_i = exp(beta clip(a_i))`` divided by
+  its mean, fixed for all epochs; a batch's loss is ``sum_i w_i NLL_i / B``.
+
+``value_sign = -1`` negates either protocol's value before its weights are
+formed, so the sign is measured, not argued. ``filters`` (see ``filters``) drop
+traces before any of this.
 
 Not for: serving the student (``evaluation`` loads the merged folder in vLLM)
 or talking to the teacher (``collect``).
@@ -36,7 +47,14 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
-from .weights import eta_for_budget, kl_to_uniform, tilt_weights, uniform_weights
+from .weights import (
+    effective_sample_size,
+    eta_for_budget,
+    kl_to_uniform,
+    released_weights,
+    tilt_weights,
+    uniform_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +85,35 @@ class DistillConfig:
     value_norm: str = "sum"
     # A control: shuffle v within each minibatch before the tilt, so the weights
     # keep their spread (the same KL) but carry no information about the traces.
+    # (For the released weighting the shuffle is one permutation over the whole set.)
     placebo: bool = False
+    # "minibatch": eq. 3 at the current theta, tilted per minibatch; "released": the
+    # authors' fixed weights from theta_0 (module docstring). Their defaults below.
+    weighting: str = "minibatch"
+    beta: float = 0.5
+    fd_eps: float = 0.01
+    clip: float = 10.0
+    # +1: each protocol's own sign (eq. 3's v; the released a); -1 negates it.
+    value_sign: int = 1
+    # dtype of the released protocol's g and perturbed copies: in float32 the
+    # central difference of two O(1) NLLs over 2 eps = 0.02 keeps ~5 digits.
+    value_dtype: str = "float64"
+    filters: list[str] = field(default_factory=list)
     save_merged: bool = True
 
     def __post_init__(self) -> None:
+        from .filters import FILTERS
+
         if self.mode not in ("passive", "adaptive"):
             raise ValueError(f"mode must be passive or adaptive, got {self.mode!r}")
         if self.value_norm not in ("sum", "mean"):
             raise ValueError(f"value_norm must be sum or mean, got {self.value_norm!r}")
+        if self.weighting not in ("minibatch", "released"):
+            raise ValueError(f"weighting must be minibatch or released, got {self.weighting!r}")
+        if self.value_sign not in (1, -1):
+            raise ValueError(f"value_sign must be +1 or -1, got {self.value_sign!r}")
+        if set(self.filters) - set(FILTERS):
+            raise ValueError(f"filters must be among {FILTERS}, got {self.filters!r}")
         self.out = Path(self.out)
 
 
@@ -119,16 +158,28 @@ def record_prompt(record: dict, tokenizer: Any) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def load_trace_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """Training examples from a trace JSONL (``collect``'s output), sorted by id for a fixed order."""
+def load_traces(
+    path: Path, tokenizer: Any, max_length: int, filters: list[str] | tuple[str, ...] = ()
+) -> tuple[list[Example], dict[str, int]]:
+    """Training examples from a trace JSONL (``collect``'s output), sorted by id for a fixed order,
+    after ``filters``; returns them and how many traces each filter dropped."""
     from .collect import read_records
+    from .filters import filter_records
 
-    records = sorted(read_records(Path(path)).values(), key=lambda r: str(r["id"]))
-    return [
+    records = [r for r in sorted(read_records(Path(path)).values(), key=lambda r: str(r["id"])) if r.get("completion")]
+    dropped: dict[str, int] = {}
+    if filters:
+        records, dropped = filter_records(records, filters, tokenizer)
+    examples = [
         tokenize_pair(tokenizer, record_prompt(r, tokenizer), r["completion"], max_length, str(r["id"]))
         for r in records
-        if r.get("completion")
     ]
+    return examples, dropped
+
+
+def load_trace_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
+    """Training examples from a trace JSONL, unfiltered."""
+    return load_traces(path, tokenizer, max_length)[0]
 
 
 def load_validation_examples(task: str, split: str, n: int, tokenizer: Any, max_length: int, seed: int = 0) -> list[Example]:
@@ -172,7 +223,9 @@ def minibatch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[l
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of log p(y_t | x, y_<t) over completion tokens, and their count."""
-    logits = logits[..., :-1, :].float()
+    logits = logits[..., :-1, :]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # float32 and float64 stay as they are
+        logits = logits.float()
     target = labels[..., 1:]
     mask = target != -100
     tok = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -244,6 +297,54 @@ def example_values(
     return v
 
 
+def completion_nll(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Per-example mean token NLL of the completions (no gradient), float64, shape (N,)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            out.append(per_example_nll(model, collate(examples[i : i + batch_size], pad_id)).to(torch.float64))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def released_values(
+    model: torch.nn.Module,
+    train_set: list[Example],
+    val_set: list[Example],
+    cfg: DistillConfig,
+    pad_id: int,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """The released protocol's value of every training example at the current theta, shape (N,).
+
+    ``a_i = (NLL_i(theta - eps g) - NLL_i(theta + eps g)) / (2 eps)`` with ``g`` the
+    gradient of the mean (over examples) of the mean token NLL on ``val_set``,
+    both taken in ``cfg.value_dtype`` over the trainable (LoRA) parameters;
+    times ``cfg.value_sign``. The model comes back with its exact parameters
+    and dtype (casting up and back down is lossless).
+    """
+    batch_size = batch_size or cfg.batch_size
+    dtype = getattr(torch, cfg.value_dtype)
+    orig_dtype = next(model.parameters()).dtype
+    saved = {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    model.to(dtype)
+    try:
+        params = trainable_params(model)
+        g = validation_grad(model, val_set, pad_id, batch_size)
+        nll = {}
+        for sign in (1, -1):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n].to(dtype) + sign * cfg.fd_eps * g[n])
+            nll[sign] = completion_nll(model, train_set, pad_id, batch_size)
+    finally:
+        model.to(orig_dtype)
+        with torch.no_grad():
+            for n, p in trainable_params(model).items():
+                p.copy_(saved[n])
+    a = (nll[-1] - nll[1]) / (2 * cfg.fd_eps)
+    return -a if cfg.value_sign == -1 else a
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -281,13 +382,19 @@ def train(
     cfg: DistillConfig,
     pad_id: int,
     on_step: Any = None,
+    fixed_weights: torch.Tensor | None = None,
 ) -> list[dict]:
-    """The training loop for both students; returns one log row per optimizer step.
+    """The training loop for every student; returns one log row per optimizer step.
 
-    ``model`` already carries its LoRA adapters. ``on_step(step, micro, batch, w, v)``
+    ``model`` already carries its LoRA adapters. ``fixed_weights`` (one per
+    training example, mean 1) are the released protocol's weights, required
+    when ``cfg.weighting == "released"``. ``on_step(step, micro, batch, w, v)``
     is called with every minibatch before its update (tests use it).
     """
     adaptive = cfg.mode == "adaptive"
+    released = adaptive and cfg.weighting == "released"
+    if released and fixed_weights is None:
+        raise ValueError("the released weighting needs fixed_weights (see released_values)")
     micro_batches = minibatch_order(len(train_set), cfg.batch_size, cfg.epochs, cfg.seed)
     n_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
     if cfg.max_steps is not None:
@@ -303,7 +410,7 @@ def train(
     placebo_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: training RNG untouched
     for step in tqdm(range(n_steps), desc=f"distill {cfg.mode}", unit="step", leave=False):
         t0 = time.perf_counter()
-        if adaptive and step % cfg.val_every == 0:
+        if adaptive and not released and step % cfg.val_every == 0:
             g_val = validation_grad(model, val_set, pad_id, cfg.batch_size)
         optimizer.zero_grad(set_to_none=True)
         row: dict[str, Any] = {"step": step, "loss": 0.0, "nll": 0.0, "eta": [], "kl": [], "w_max": []}
@@ -312,8 +419,14 @@ def train(
             if idx is None:
                 break
             batch = collate([train_set[i] for i in idx], pad_id)
-            if adaptive:
+            if released:
+                v, eta = None, cfg.beta
+                # Fixed weights of mean 1 over the whole set: sum_i w_i NLL_i / B.
+                w = fixed_weights[idx].to(torch.float64) / len(idx)
+            elif adaptive:
                 v = example_values(model, batch, g_val, cfg.vmap_chunk, cfg.value_norm)
+                if cfg.value_sign == -1:
+                    v = -v
                 if cfg.placebo:
                     v = v[torch.randperm(len(v), generator=placebo_gen)]
                 eta = cfg.eta if cfg.eta is not None else eta_for_budget(v, cfg.rho)
@@ -329,8 +442,9 @@ def train(
             row["loss"] += loss.item()
             row["nll"] += nll.mean().item() / cfg.grad_accum  # unweighted, comparable across modes
             row["eta"].append(eta)
-            row["kl"].append(kl_to_uniform(w))
+            row["kl"].append(kl_to_uniform(w / w.sum() if released else w))
             row["w_max"].append(float(w.max()))
+            row.setdefault("ess", []).append(effective_sample_size(w))
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -341,29 +455,110 @@ def train(
     return history
 
 
+def load_validation_set(
+    cfg: DistillConfig, tokenizer: Any, val_traces: Path | None, val_task: str | None, val_split: str, val_n: int
+) -> list[Example]:
+    """L_val's examples: released traces (``val_traces``, e.g. the undefended teacher on a
+    holdout split, as the authors' code) if given, else a task's ground-truth solutions."""
+    if val_traces is not None:
+        val_set = load_trace_examples(val_traces, tokenizer, cfg.max_length)
+        if not val_set:
+            raise ValueError(f"no usable traces in {val_traces}")
+        return val_set
+    if val_task is None:
+        raise ValueError("the adaptive student needs a validation set (--val-traces or --val-task)")
+    return load_validation_examples(val_task, val_split, val_n, tokenizer, cfg.max_length)
+
+
+def value_stats(a: torch.Tensor, w: torch.Tensor, clip: float) -> dict[str, float]:
+    """How spread the released weights are: the raw values, the clip's reach, the ESS."""
+    a = a.to(torch.float64)
+    top = w.sort(descending=True).values[: max(1, len(w) // 5)]
+    return {
+        "a_mean": float(a.mean()),
+        "a_std": float(a.std()) if len(a) > 1 else 0.0,
+        "a_min": float(a.min()),
+        "a_max": float(a.max()),
+        "frac_clipped": float((a.abs() >= clip).double().mean()),
+        "w_min": float(w.min()),
+        "w_max": float(w.max()),
+        "ess": effective_sample_size(w),
+        "ess_frac": effective_sample_size(w) / len(w),
+        "frac_mass_top20": float(top.sum() / w.sum()),
+    }
+
+
+def fixed_released_weights(
+    model: torch.nn.Module, train_set: list[Example], val_set: list[Example], cfg: DistillConfig, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, w): the released protocol's values at the current theta and its weights, mean 1;
+    with ``cfg.placebo`` the weights are one seeded permutation of themselves."""
+    a = released_values(model, train_set, val_set, cfg, pad_id)
+    w = released_weights(a, cfg.beta, cfg.clip)
+    if cfg.placebo:
+        w = w[torch.randperm(len(w), generator=torch.Generator().manual_seed(cfg.seed))]
+    return a, w
+
+
+def write_values(path: Path, examples: list[Example], a: torch.Tensor, w: torch.Tensor) -> None:
+    """One line per trace: ``{"id", "value", "weight"}`` (weights as the loss uses them, mean 1)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for e, ai, wi in zip(examples, a.tolist(), w.tolist()):
+            f.write(json.dumps({"id": e.id, "value": ai, "weight": wi}) + "\n")
+
+
+def values(
+    cfg: DistillConfig,
+    traces: Path,
+    out: Path,
+    val_traces: Path | None = None,
+    val_task: str | None = None,
+    val_split: str = "validation",
+    val_n: int = 32,
+) -> dict:
+    """The released protocol's values and weights at theta_0 (the LoRA-initialized student),
+    exactly as ``distill`` would train with them, written to ``out``; returns their statistics."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_student(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set, dropped = load_traces(traces, tokenizer, cfg.max_length, cfg.filters)
+    val_set = load_validation_set(cfg, tokenizer, val_traces, val_task, val_split, val_n)
+    model = add_lora(model, cfg)
+    a, w = fixed_released_weights(model, train_set, val_set, cfg, pad_id)
+    write_values(Path(out), train_set, a, w)
+    return {"n": len(train_set), "n_val": len(val_set), "dropped": dropped, **value_stats(a, w, cfg.clip)}
+
+
 def distill(
     cfg: DistillConfig,
     traces: Path,
     val_task: str | None = None,
     val_split: str = "validation",
     val_n: int = 32,
+    val_traces: Path | None = None,
 ) -> dict:
     """Load the student, train it on ``traces``, save adapter + merged model; returns the summary."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_student(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = load_trace_examples(traces, tokenizer, cfg.max_length)
+    train_set, dropped = load_traces(traces, tokenizer, cfg.max_length, cfg.filters)
     if not train_set:
         raise ValueError(f"no usable traces in {traces}")
     val_set: list[Example] = []
     if cfg.mode == "adaptive":
-        if val_task is None:
-            raise ValueError("adaptive mode needs a validation task (--val-task)")
-        val_set = load_validation_examples(val_task, val_split, val_n, tokenizer, cfg.max_length)
+        val_set = load_validation_set(cfg, tokenizer, val_traces, val_task, val_split, val_n)
     model = add_lora(model, cfg)
-    log.info("distill %s: %d traces, %d val examples, student %s", cfg.mode, len(train_set), len(val_set), cfg.student)
+    log.info("distill %s: %d traces (dropped %s), %d val examples, student %s", cfg.mode, len(train_set), dropped,
+             len(val_set), cfg.student)
     t0 = time.perf_counter()
-    history = train(model, train_set, val_set, cfg, pad_id)
+    fixed, weight_stats = None, None
+    if cfg.mode == "adaptive" and cfg.weighting == "released":
+        a, fixed = fixed_released_weights(model, train_set, val_set, cfg, pad_id)
+        weight_stats = value_stats(a, fixed, cfg.clip)
+        write_values(cfg.out / "values.jsonl", train_set, a, fixed)
+        log.info("released weights: %s", weight_stats)
+    history = train(model, train_set, val_set, cfg, pad_id, fixed_weights=fixed)
     wall = time.perf_counter() - t0
 
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -381,10 +576,13 @@ def distill(
     summary = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
         "traces": str(traces),
+        "val_traces": str(val_traces) if val_traces else None,
         "n_train": len(train_set),
+        "dropped": dropped,
         "n_val": len(val_set),
         "steps": len(history),
         "final_loss": history[-1]["loss"] if history else None,
+        "weights": weight_stats,
         "wall_s": wall,
         "merged": merged_dir,
     }

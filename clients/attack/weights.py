@@ -67,3 +67,20 @@ def eta_for_budget(
         if hi - lo <= tol * max(1.0, hi):
             break
     return 0.5 * (lo + hi)
+
+
+def released_weights(a: torch.Tensor, beta: float, clip: float) -> torch.Tensor:
+    """The released protocol's fixed weights: ``w_i = exp(beta * clip(a_i, -clip, clip))``, mean 1.
+
+    Unlike ``tilt_weights`` these are normalized once over the whole training
+    set, not per minibatch: a minibatch's weights need not sum to its size, and
+    the loss of a batch is ``sum_i w_i NLL_i / B``.
+    """
+    w = torch.exp(beta * a.to(torch.float64).clamp(-clip, clip))
+    return w / w.mean()
+
+
+def effective_sample_size(w: torch.Tensor) -> float:
+    """ESS = (sum w)^2 / sum w^2: how many equally weighted examples the weights are worth."""
+    w = w.to(torch.float64)
+    return float(w.sum() ** 2 / (w * w).sum())
