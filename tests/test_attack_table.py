@@ -1,8 +1,11 @@
 """Smoke run of ``distillgame attack table``: the whole protocol with tiny budgets.
 
 It drives our own ``distillgame serve`` (a real vLLM engine with the defense
-processor) over HTTP, distills passive and adaptive students with PEFT, and
-scores them with ``distillgame eval``. It uses the zoo (bench/zoo) when its
+processor) over HTTP, distills a passive and a released-protocol adaptive
+student with PEFT (the other attackers are the same loop with other weights or
+filters, checked in test_attack_values.py and test_attack_distill.py; running
+them all here would add a vLLM evaluation each), and scores them with
+``distillgame eval``. It uses the zoo (bench/zoo) when its
 checkpoints are present; otherwise the embedded default teacher/proxy and a
 tiny random student with the teacher's tokenizer stand in (the numbers are then
 meaningless, the protocol and the files are what is checked).
@@ -51,7 +54,7 @@ def test_attack_table_smoke_writes_table1(tmp_path):
     cmd = [sys.executable, "-m", "distillgame.cli", "attack", "table", "--out", str(out), *models,
            "--settings", "none;poe:gamma=0.65", "--seeds", "1", "--n-train", "6", "--n-test", "6", "--n-val", "2",
            "--max-tokens", "48", "--epochs", "1", "--rank", "4", "--batch-size", "3", "--grad-accum", "1",
-           "--max-length", "256"]
+           "--max-length", "256", "--attackers", "passive,adaptive-released", "--n-val-traces", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -63,21 +66,61 @@ def test_attack_table_smoke_writes_table1(tmp_path):
         for key in ("teacher_acc", "passive_acc", "adaptive_acc"):
             assert set(r[key]) == {"mean", "sem", "n"} and 0.0 <= r[key]["mean"] <= 1.0
         assert r["passive_acc"]["n"] == r["adaptive_acc"]["n"] == 1
+        assert list(r["attackers"]) == ["passive", "adaptive-released"] and r["adaptive"] == "adaptive-released"
+        assert r["strongest"] in r["attackers"]
+        assert all(set(a) == {"mean", "sem", "n", "dropped"} for a in r["attackers"].values())
         assert r["teacher_acc"]["n"] == 6
         assert r["time_cost"] > 0
     assert table["rows"][0]["time_cost"] == 1.0
     md = (out / "table1.md").read_text()
-    assert "| Standard |" in md and "POE (gamma=0.65)" in md
+    assert "| Standard |" in md and "POE (gamma=0.65)" in md and "adaptive-released" in md
 
-    # Same traces for both students; the adaptive one really tilted its weights.
+    # Same traces for both students; the adaptive one weighted them by the undefended
+    # teacher's validation traces, with weights of mean 1 that are not all equal.
+    val = [json.loads(x) for x in (out / "runs" / "none" / "val_traces.jsonl").read_text().splitlines()]
+    assert len(val) == 4 and all(v["split"] == "validation" for v in val)
     for setting in ("none", "poe-gamma0.65"):
         traces = [json.loads(x) for x in (out / "runs" / setting / "traces.jsonl").read_text().splitlines()]
         assert len({t["id"] for t in traces}) == len(traces) == 6
         passive = json.loads((out / "runs" / setting / "passive-seed0" / "summary.json").read_text())
-        adaptive = json.loads((out / "runs" / setting / "adaptive-seed0" / "summary.json").read_text())
+        adaptive = json.loads((out / "runs" / setting / "adaptive-released-seed0" / "summary.json").read_text())
         assert passive["steps"] == adaptive["steps"] and passive["n_train"] == adaptive["n_train"]
-        rows = [json.loads(x) for x in (out / "runs" / setting / "adaptive-seed0" / "log.jsonl").read_text().splitlines()]
-        assert all(abs(kl - 0.1) < 1e-6 for row in rows for kl in row["kl"])
+        assert adaptive["val_traces"].endswith("none/val_traces.jsonl")
+        weights = [json.loads(x)["weight"] for x in (out / "runs" / setting / "adaptive-released-seed0" /
+                                                     "values.jsonl").read_text().splitlines()]
+        assert len(weights) == 6 and abs(sum(weights) / 6 - 1.0) < 1e-9 and max(weights) > min(weights)
+
+
+def test_attacker_columns_strongest_and_the_better_adaptive_protocol():
+    from distillgame.clients.attack.table import aggregate_attackers, parse_attackers
+
+    def cells(*accs, dropped=0):
+        return [{"acc": a, "dropped": dropped} for a in accs]
+
+    row = aggregate_attackers({
+        "passive": cells(0.30, 0.34),
+        "adaptive-minibatch": cells(0.10, 0.12),
+        "adaptive-released": cells(0.28, 0.30),
+        "filter-correct": cells(0.35, 0.37, dropped=120),
+        "filter-degenerate": cells(0.31, 0.33, dropped=2),
+        "placebo": cells(0.50, 0.50),  # a control: never the strongest
+    })
+    assert row["strongest"] == "filter-correct" and row["adaptive"] == "adaptive-released"
+    assert row["attackers"]["filter-correct"] == {"mean": 0.36, "sem": row["attackers"]["filter-correct"]["sem"],
+                                                  "n": 2, "dropped": 120}
+    assert abs(row["attackers"]["filter-correct"]["sem"] - 0.01) < 1e-12
+    assert abs(row["passive_acc"]["mean"] - 0.32) < 1e-12 and set(row["passive_acc"]) == {"mean", "sem", "n"}
+    assert abs(row["adaptive_acc"]["mean"] - 0.29) < 1e-12
+    assert abs(row["rel_gain"] - (0.29 / 0.32 - 1)) < 1e-12
+
+    only_passive = aggregate_attackers({"passive": cells(0.2)})
+    assert only_passive["strongest"] == "passive" and only_passive["adaptive_acc"] is None
+    assert only_passive["rel_gain"] is None
+
+    assert parse_attackers("filter-correct,adaptive-released") == ["passive", "adaptive-released", "filter-correct"]
+    assert parse_attackers([], placebo=True) == ["passive", "placebo"]
+    with pytest.raises(ValueError):
+        parse_attackers("passive,teacher")
 
 
 def test_policy_gives_each_setting_its_own_key_and_defense(tmp_path):
@@ -102,7 +145,9 @@ def test_mean_sem_and_frontier_png(tmp_path):
     assert mean_sem([0.4]) == {"mean": 0.4, "sem": 0.0, "n": 1}
     rows = [
         {"defense": {"mode": mode, **({"gamma": g} if mode == "poe" else {})},
-         "teacher_acc": mean_sem([t]), "passive_acc": mean_sem([p, p + 0.02]), "adaptive_acc": mean_sem([a, a + 0.01])}
+         "teacher_acc": mean_sem([t]), "passive_acc": mean_sem([p, p + 0.02]), "adaptive_acc": mean_sem([a, a + 0.01]),
+         "attackers": {"passive": mean_sem([p, p + 0.02]), "filter-correct": mean_sem([a, a + 0.03])},
+         "strongest": "filter-correct"}
         for mode, g, t, p, a in [("none", 0, 0.8, 0.5, 0.5), ("poe", 0.5, 0.75, 0.4, 0.45), ("poe", 0.8, 0.6, 0.3, 0.4)]
     ]
     draw_frontier(tmp_path / "frontier.png", rows)

@@ -1,18 +1,23 @@
-"""Table 1 in one command: collect, distill passive and adaptive, evaluate, tabulate.
+"""Table 1 in one command: collect, distill every attacker, evaluate, tabulate.
 
 For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
 
 1. collect training traces (sampled) and the teacher's test answers (greedy)
-   through the endpoint, with the API key whose tier fixes that defense;
-2. distill a passive and an adaptive student from the same traces, for each of
-   S seeds (same data order, seed and steps: only the weights differ);
+   through the endpoint, with the API key whose tier fixes that defense (and,
+   once, the undefended teacher's traces on the validation split: the released
+   adaptive protocol's L_val);
+2. distill one student per attacker (``ATTACKERS``: passive, the two adaptive
+   protocols, the two filters, and the placebo control on request) from the
+   same traces, for each of S seeds (same data order, seed and steps);
 3. score every student on the test split with ``distillgame eval``;
 
-then write ``table1.md``, ``table1.json`` (teacher/passive/adaptive accuracy as
-``{mean, sem, n}``, ``rel_gain``, ``time_cost``, ``student_base_acc``, the
-exact ``command`` and the configuration) and, with ``--sweep``, the
-utility-leakage frontier ``frontier.png``, into ``out``; traces, students and
-evaluations go to ``work`` (default ``out/runs``), which is not for committing.
+then write ``table1.md``, ``table1.json`` (per row: ``attackers: {NAME: {mean,
+sem, n, dropped}}``, the ``strongest`` attacker, ``passive_acc``,
+``adaptive_acc`` = the better adaptive protocol, ``rel_gain``, ``time_cost``;
+``student_base_acc``, the exact ``command`` and the configuration) and, with
+``--sweep``, the utility-leakage frontier ``frontier.png`` (passive against the
+strongest attacker), into ``out``; traces, students and evaluations go to
+``work`` (default ``out/runs``), which is not for committing.
 
 By default it starts our own ``distillgame serve`` with a policy that gives one
 key per setting; with ``base_url`` it attacks a running endpoint instead (each
@@ -46,6 +51,36 @@ from .distill import DistillConfig, distill
 log = logging.getLogger(__name__)
 
 ZOO = Path(__file__).resolve().parents[2] / "bench" / "zoo"
+
+
+# Each attacker is a DistillConfig override on the same traces. The strongest per
+# setting is the one with the highest mean student accuracy (the placebo, a
+# control, is not a candidate).
+ATTACKERS: dict[str, dict[str, Any]] = {
+    "passive": dict(mode="passive"),
+    "adaptive-minibatch": dict(mode="adaptive", weighting="minibatch"),
+    "adaptive-released": dict(mode="adaptive", weighting="released"),
+    "filter-correct": dict(mode="passive", filters=["correct"]),
+    "filter-degenerate": dict(mode="passive", filters=["degenerate"]),
+    "placebo": dict(mode="adaptive", weighting="minibatch", placebo=True),
+}
+ADAPTIVE = ("adaptive-minibatch", "adaptive-released")
+CONTROLS = ("placebo",)
+DEFAULT_ATTACKERS = [a for a in ATTACKERS if a not in CONTROLS]
+
+
+def parse_attackers(spec: str | list[str], placebo: bool = False) -> list[str]:
+    """``"passive,adaptive-released"`` -> attacker names in ``ATTACKERS`` order; passive is always in."""
+    names = [a.strip() for a in (spec.split(",") if isinstance(spec, str) else spec) if a.strip()]
+    unknown = set(names) - set(ATTACKERS)
+    if unknown:
+        raise ValueError(f"unknown attackers {sorted(unknown)}; choose from {list(ATTACKERS)}")
+    wanted = set(names) | {"passive"} | ({"placebo"} if placebo else set())
+    return [a for a in ATTACKERS if a in wanted]
+
+
+def run_name(attacker: str, seed: int) -> str:
+    return f"{attacker}-seed{seed}"
 
 
 @dataclass
@@ -121,6 +156,14 @@ class TableConfig:
     grad_accum: int = 4
     max_length: int = 512
     rho: float = 0.1
+    attackers: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKERS))
+    placebo: bool = False  # also the placebo control (adaptive-minibatch with shuffled values)
+    # The released protocol (the authors' defaults); its L_val is the undefended
+    # teacher's traces on n_val_traces validation problems.
+    beta: float = 0.5
+    fd_eps: float = 0.01
+    clip: float = 10.0
+    n_val_traces: int = 128
     # grad L_val is re-estimated every 4 optimizer steps: at every step it was 40%
     # of an adaptive step's time here (32 validation solutions, forward and backward).
     val_every: int = 4
@@ -138,6 +181,7 @@ class TableConfig:
         self.out = Path(self.out)
         self.work = Path(self.work) if self.work else self.out / "runs"
         self.settings = [s if isinstance(s, Setting) else Setting(**s) for s in self.settings]
+        self.attackers = parse_attackers(self.attackers, self.placebo)
         zoo_grad = ZOO / "proxy-ads-grad.safetensors"
         if self.ads_grad is None and self.proxy == str(ZOO / "proxy") and zoo_grad.exists():
             self.ads_grad = str(zoo_grad)
@@ -155,13 +199,16 @@ class TableConfig:
                 data = json.loads(text)
         for key in ("teacher", "proxy", "student", "task", "seeds", "n_train", "n_test", "n_val", "max_tokens",
                     "epochs", "rank", "lr", "batch_size", "grad_accum", "max_length", "rho", "val_every", "workers",
-                    "base_url"):
+                    "base_url", "beta", "fd_eps", "clip", "n_val_traces"):
             value = getattr(args, key, None)
             if value is not None:
                 data[key] = None if value == "default" else value
         if args.settings:
             data["settings"] = parse_settings(args.settings)
         data["sweep"] = bool(args.sweep or data.get("sweep", False))
+        if getattr(args, "attackers", None):
+            data["attackers"] = args.attackers
+        data["placebo"] = bool(getattr(args, "placebo", False) or data.get("placebo", False))
         if args.ads_grad:
             data["ads_grad"] = args.ads_grad
         data["out"] = args.out
@@ -297,14 +344,30 @@ def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: 
                                    temperature=cfg.temperature, seed=0, **common))
     teacher = collect(CollectConfig(split="test", n=cfg.n_test, out=d / "teacher_test.jsonl",
                                     temperature=0.0, **common))
-    return {"traces": traces, "teacher": teacher}
+    out = {"traces": traces, "teacher": teacher}
+    if setting.name == "none" and _needs_val_traces(cfg):
+        # Sampled like the training traces, on problems none of them uses.
+        out["val_traces"] = collect(CollectConfig(split="validation", n=cfg.n_val_traces, out=d / "val_traces.jsonl",
+                                                  temperature=cfg.temperature, seed=1_000_003, **common))
+    return out
+
+
+def _needs_val_traces(cfg: TableConfig) -> bool:
+    return any(ATTACKERS[a].get("weighting") == "released" for a in cfg.attackers)
+
+
+def val_traces_path(cfg: TableConfig) -> Path:
+    return cfg.work / "none" / "val_traces.jsonl"
 
 
 def _collected(cfg: TableConfig, setting: Setting) -> dict | None:
     """The summaries of a finished collection (a rerun skips the server for it), else None."""
     d = cfg.work / setting.name
     out = {}
-    for key, name, n in (("traces", "traces.jsonl", cfg.n_train), ("teacher", "teacher_test.jsonl", cfg.n_test)):
+    wanted = [("traces", "traces.jsonl", cfg.n_train), ("teacher", "teacher_test.jsonl", cfg.n_test)]
+    if setting.name == "none" and _needs_val_traces(cfg):
+        wanted.append(("val_traces", "val_traces.jsonl", cfg.n_val_traces))
+    for key, name, n in wanted:
         path = d / f"{name}.summary.json"
         if not path.exists():
             return None
@@ -321,23 +384,29 @@ def _first_model(base_url: str, api_key: str) -> str:
     return openai.OpenAI(base_url=base_url, api_key=api_key).models.list().data[0].id
 
 
-def train_and_score(cfg: TableConfig, setting: Setting, mode: str, seed: int) -> float:
-    """One cell of the table: distill a student (unless already done) and score it on the test split."""
+def train_and_score(cfg: TableConfig, setting: Setting, attacker: str, seed: int) -> dict[str, Any]:
+    """One cell of the table: distill a student (unless already done), score it on the test split;
+    returns ``{"acc", "dropped"}`` (traces its filters dropped)."""
     import torch
 
     torch.set_num_threads(cfg.threads)
     d = cfg.work / setting.name
-    run = d / f"{mode}-seed{seed}"
+    run = d / run_name(attacker, seed)
     if not (run / "summary.json").exists():
-        dcfg = DistillConfig(student=cfg.student, out=run, mode=mode, rho=cfg.rho, val_every=cfg.val_every,
+        dcfg = DistillConfig(student=cfg.student, out=run, rho=cfg.rho, val_every=cfg.val_every,
                              rank=cfg.rank, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                             grad_accum=cfg.grad_accum, max_length=cfg.max_length, seed=seed)
-        distill(dcfg, d / "traces.jsonl", val_task=cfg.task, val_split="validation", val_n=cfg.n_val)
-    return eval_student(str(run / "merged"), cfg, run / "eval")
+                             grad_accum=cfg.grad_accum, max_length=cfg.max_length, seed=seed, beta=cfg.beta,
+                             fd_eps=cfg.fd_eps, clip=cfg.clip, **ATTACKERS[attacker])
+        released = dcfg.mode == "adaptive" and dcfg.weighting == "released"
+        distill(dcfg, d / "traces.jsonl", val_task=cfg.task, val_split="validation", val_n=cfg.n_val,
+                val_traces=val_traces_path(cfg) if released else None)
+    summary = json.loads((run / "summary.json").read_text())
+    dropped = sum((summary.get("dropped") or {}).values())
+    return {"acc": eval_student(str(run / "merged"), cfg, run / "eval"), "dropped": dropped}
 
 
-def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, list[float]]]:
-    """Every (setting, seed, mode) cell, ``cfg.workers`` at a time in their own processes.
+def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every (setting, attacker, seed) cell, ``cfg.workers`` at a time in their own processes.
 
     Cells are independent (each seeds itself and trains on one thread), so the
     results do not depend on how many run at once. Processes are spawned, not
@@ -348,18 +417,41 @@ def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str
 
     from tqdm import tqdm
 
-    # The adaptive students are the slow ones (per-example gradients): start them first.
-    cells = [(s, mode, seed) for mode in ("adaptive", "passive") for s in settings for seed in range(cfg.seeds)]
-    acc: dict[str, dict[str, list[float | None]]] = {
-        s.name: {"passive": [None] * cfg.seeds, "adaptive": [None] * cfg.seeds} for s in settings
-    }
+    # The minibatch-adaptive students are the slow ones (per-example gradients): start them first.
+    slow_first = sorted(cfg.attackers, key=lambda a: ATTACKERS[a].get("weighting") != "minibatch"
+                        or ATTACKERS[a]["mode"] != "adaptive")
+    cells = [(s, a, seed) for a in slow_first for s in settings for seed in range(cfg.seeds)]
+    out: dict[str, dict[str, list[Any]]] = {s.name: {a: [None] * cfg.seeds for a in cfg.attackers} for s in settings}
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_and_score, cfg, s, mode, seed): (s, mode, seed) for s, mode, seed in cells}
+        futures = {pool.submit(train_and_score, cfg, s, a, seed): (s, a, seed) for s, a, seed in cells}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="students", unit="student"):
-            s, mode, seed = futures[fut]
-            acc[s.name][mode][seed] = fut.result()
-            log.info("%s %s seed %d: accuracy %.3f", s.name, mode, seed, acc[s.name][mode][seed])
-    return acc  # type: ignore[return-value]
+            s, a, seed = futures[fut]
+            out[s.name][a][seed] = fut.result()
+            log.info("%s %s seed %d: accuracy %.3f", s.name, a, seed, out[s.name][a][seed]["acc"])
+    return out  # type: ignore[return-value]
+
+
+def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One row's attacker columns from its cells ``{attacker: [{"acc", "dropped"} per seed]}``.
+
+    Returns ``attackers`` ({NAME: {mean, sem, n, dropped}}), ``strongest`` (the
+    highest mean accuracy, controls excluded, the first listed on a tie),
+    ``adaptive`` (the better adaptive protocol, or None), ``passive_acc``,
+    ``adaptive_acc`` and ``rel_gain`` (adaptive / passive - 1).
+    """
+    attackers = {
+        a: {**mean_sem([c["acc"] for c in runs]), "dropped": max(c["dropped"] for c in runs)}
+        for a, runs in cells.items()
+    }
+    candidates = [a for a in attackers if a not in CONTROLS]
+    strongest = max(candidates, key=lambda a: attackers[a]["mean"])
+    adaptive = [a for a in ADAPTIVE if a in attackers]
+    best = max(adaptive, key=lambda a: attackers[a]["mean"]) if adaptive else None
+    passive = {k: attackers["passive"][k] for k in ("mean", "sem", "n")}
+    adaptive_acc = {k: attackers[best][k] for k in ("mean", "sem", "n")} if best else None
+    gain = adaptive_acc["mean"] / passive["mean"] - 1.0 if adaptive_acc and passive["mean"] > 0 else None
+    return {"attackers": attackers, "strongest": strongest, "adaptive": best, "passive_acc": passive,
+            "adaptive_acc": adaptive_acc, "rel_gain": gain}
 
 
 # ---------------------------------------------------------------- the table
@@ -382,17 +474,36 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         f"Student base accuracy: {100 * result['student_base_acc']:.2f}%",
         "",
-        "| Teacher | Teacher Acc. ↑ | Passive Acc. ↓ | Adaptive Acc. ↓ | Rel. Gain | Time Cost |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| Teacher | Teacher Acc. ↑ | Passive Acc. ↓ | Adaptive Acc. ↓ | Rel. Gain | Strongest attacker | Time Cost |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         gain = "n/a" if r["rel_gain"] is None else f"{100 * r['rel_gain']:.2f}%"
+        adaptive = "n/a" if r["adaptive_acc"] is None else f"{_pct(r['adaptive_acc'])} ({r['adaptive']})"
+        strongest = f"{r['strongest']}: {_pct(r['attackers'][r['strongest']])}"
         rows.append(f"| {r['label']} | {_pct(r['teacher_acc'])} | {_pct(r['passive_acc'])} | "
-                    f"{_pct(r['adaptive_acc'])} | {gain} | {r['time_cost']:.2f}× |")
+                    f"{adaptive} | {gain} | {strongest} | {r['time_cost']:.2f}× |")
+    names = list(result["rows"][0]["attackers"]) if result["rows"] else []
+    rows += ["", "Every attacker (student accuracy; traces its filters dropped):", "",
+             "| Teacher | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for r in result["rows"]:
+        cells = [f"{_pct(r['attackers'][a])}" + (f" (-{r['attackers'][a]['dropped']})" if r["attackers"][a]["dropped"]
+                 else "") for a in names]
+        rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
-             "Rel. gain = adaptive / passive - 1. Time cost = summed request latency of trace generation relative to the "
-             "undefended teacher (same prompts, same concurrency).", "", f"Command: `{result['command']}`", ""]
+             "Adaptive = the better of the two adaptive protocols (minibatch: eq. 3 tilted per minibatch; released: "
+             "the authors' fixed weights from theta_0). Rel. gain = adaptive / passive - 1. Strongest = the attacker "
+             "with the highest mean (the placebo control excluded). Time cost = summed request latency of trace "
+             "generation relative to the undefended teacher (same prompts, same concurrency).", "",
+             f"Command: `{result['command']}`", ""]
     path.write_text("\n".join(rows))
+
+
+def _strongest_acc(row: dict) -> dict:
+    """The strongest attacker's accuracy of a row (older rows: the adaptive column)."""
+    if "strongest" in row:
+        return row["attackers"][row["strongest"]]
+    return row["adaptive_acc"]
 
 
 def draw_frontier(path: Path, rows: list[dict]) -> None:
@@ -409,9 +520,10 @@ def draw_frontier(path: Path, rows: list[dict]) -> None:
     for mode, rs in families.items():
         rs = sorted(rs, key=lambda r: r["teacher_acc"]["mean"])
         x = [100 * r["teacher_acc"]["mean"] for r in rs]
-        for kind, style in (("passive", "--o"), ("adaptive", "-s")):
-            y = [100 * r[f"{kind}_acc"]["mean"] for r in rs]
-            e = [100 * r[f"{kind}_acc"]["sem"] for r in rs]
+        for kind, style in (("passive", "--o"), ("strongest", "-s")):
+            accs = [_strongest_acc(r) if kind == "strongest" else r["passive_acc"] for r in rs]
+            y = [100 * a["mean"] for a in accs]
+            e = [100 * a["sem"] for a in accs]
             ax.errorbar(x, y, yerr=e, fmt=style, color=colors.get(mode, "gray"), capsize=3,
                         label=f"{mode} / {kind}")
     ax.set_xlabel("teacher accuracy (%)  → utility")
@@ -452,7 +564,7 @@ def run_table(cfg: TableConfig) -> dict:
         c = collected[s.name]
         t = c["teacher"]
         p = t["accuracy"]
-        passive, adaptive = mean_sem(accs[s.name]["passive"]), mean_sem(accs[s.name]["adaptive"])
+        agg = aggregate_attackers(accs[s.name])
         # Resumed collections have partial per-run wall times; summed request latencies
         # over the same prompts at the same concurrency are the comparable quantity.
         wall = c["traces"]["latency_s_sum"]
@@ -463,11 +575,10 @@ def run_table(cfg: TableConfig) -> dict:
             "label": s.label,
             "defense": s.defense,
             "teacher_acc": {"mean": p, "sem": math.sqrt(p * (1 - p) / t["n_records"]), "n": t["n_records"]},
-            "passive_acc": passive,
-            "adaptive_acc": adaptive,
-            "passive_runs": accs[s.name]["passive"],
-            "adaptive_runs": accs[s.name]["adaptive"],
-            "rel_gain": (adaptive["mean"] / passive["mean"] - 1.0) if passive["mean"] > 0 else None,
+            **agg,
+            "runs": {a: [c["acc"] for c in cells] for a, cells in accs[s.name].items()},
+            "passive_runs": [c["acc"] for c in accs[s.name]["passive"]],
+            "adaptive_runs": [c["acc"] for c in accs[s.name][agg["adaptive"]]] if agg["adaptive"] else None,
             "time_cost": wall / wall_none if wall_none else None,
             "time_cost_per_token": (wall / tokens) / (wall_none / tokens_none) if wall_none else None,
             "trace_accuracy": c["traces"]["accuracy"],
