@@ -136,6 +136,8 @@ def _released_args(p: argparse.ArgumentParser, weighting_choices: list[str] | No
                    help="adaptive weights: minibatch (eq. 3 at the current theta, tilt per minibatch) or released "
                         "(the authors' code: fixed weights exp(beta clip(a)) from theta_0 over the whole set)")
     p.add_argument("--beta", type=float, default=0.5, help="released: w = exp(beta clip(a)) / mean")
+    p.add_argument("--beta-rho", type=float, default=None,
+                   help="released variant: beta set so that KL(w || uniform) over the whole set = this budget")
     p.add_argument("--fd-eps", type=float, default=0.01, help="released: central-difference step along g")
     p.add_argument("--clip", type=float, default=10.0, help="released: a is clipped to [-clip, clip]")
     p.add_argument("--value-sign", type=int, choices=[1, -1], default=1,
@@ -200,7 +202,7 @@ def _distill(args: argparse.Namespace) -> int:
         rank=args.rank, lora_alpha=args.lora_alpha, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, max_steps=args.max_steps, seed=args.seed,
         dtype=args.dtype, device=args.device, vmap_chunk=args.vmap_chunk, value_norm=args.value_norm,
-        placebo=args.placebo, weighting=args.weighting, beta=args.beta, fd_eps=args.fd_eps, clip=args.clip,
+        placebo=args.placebo, weighting=args.weighting, beta=args.beta, beta_rho=args.beta_rho, fd_eps=args.fd_eps, clip=args.clip,
         value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters,
     )
     summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n,
@@ -220,7 +222,7 @@ def _values(args: argparse.Namespace) -> int:
     cfg = DistillConfig(
         student=args.student, out=args.out.parent, mode="adaptive", weighting=args.weighting, rank=args.rank,
         lora_alpha=args.lora_alpha, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        dtype=args.dtype, device=args.device, beta=args.beta, fd_eps=args.fd_eps, clip=args.clip,
+        dtype=args.dtype, device=args.device, beta=args.beta, beta_rho=args.beta_rho, fd_eps=args.fd_eps, clip=args.clip,
         value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters, placebo=args.placebo,
     )
     stats = values(cfg, args.traces, args.out, val_traces=args.val_traces, val_task=args.val_task,

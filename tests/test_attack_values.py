@@ -254,3 +254,15 @@ def test_passive_student_is_bit_identical_to_the_plain_loop(student, tmp_path):
         finals[name] = {n: p.detach().clone() for n, p in trainable_params(model).items()}
     assert losses["harness"] == losses["reference"]
     assert all(torch.equal(finals["harness"][n], finals["reference"][n]) for n in finals["reference"])
+
+
+def test_beta_rho_variant_spends_the_kl_budget_over_the_whole_set(student, tmp_path):
+    from distillgame.clients.attack.weights import kl_to_uniform
+
+    traces = write_traces(tmp_path / "traces.jsonl", CLEAN)
+    val = write_traces(tmp_path / "val.jsonl", CLEAN[:2], prefix="v")
+    _, a, w_fixed = run_values(student, traces, val, tmp_path / "fixed.jsonl")
+    _, a_kl, w = run_values(student, traces, val, tmp_path / "kl.jsonl", "--beta-rho", "0.05")
+    assert torch.equal(a, a_kl)
+    assert abs(kl_to_uniform(w / w.sum()) - 0.05) < 1e-6 and abs(float(w.mean()) - 1.0) < 1e-12
+    assert torch.equal(torch.argsort(w), torch.argsort(w_fixed))  # the same order, another spread

@@ -91,6 +91,10 @@ class DistillConfig:
     # authors' fixed weights from theta_0 (module docstring). Their defaults below.
     weighting: str = "minibatch"
     beta: float = 0.5
+    # A variant: beta set so that the released weights, normalized over the whole
+    # set, spend KL(w || uniform) = beta_rho (the paper's KL budget, eq. 2) instead
+    # of a fixed beta whose spread depends on the scale of a.
+    beta_rho: float | None = None
     fd_eps: float = 0.01
     clip: float = 10.0
     # +1: each protocol's own sign (eq. 3's v; the released a); -1 negates it.
@@ -471,8 +475,10 @@ def load_validation_set(
 
 
 def value_stats(a: torch.Tensor, w: torch.Tensor, clip: float) -> dict[str, float]:
-    """How spread the released weights are: the raw values, the clip's reach, the ESS."""
+    """How spread the released weights are: the raw values, the clip's reach, the ESS, the beta used."""
     a = a.to(torch.float64)
+    ac = a.clamp(-clip, clip)
+    spread = float(ac.max() - ac.min())
     top = w.sort(descending=True).values[: max(1, len(w) // 5)]
     return {
         "a_mean": float(a.mean()),
@@ -485,6 +491,9 @@ def value_stats(a: torch.Tensor, w: torch.Tensor, clip: float) -> dict[str, floa
         "ess": effective_sample_size(w),
         "ess_frac": effective_sample_size(w) / len(w),
         "frac_mass_top20": float(top.sum() / w.sum()),
+        "kl_to_uniform": kl_to_uniform(w / w.sum()),
+        # w = exp(beta clip(a)) / mean, so beta = log(w_max / w_min) / spread of clip(a).
+        "beta": float(math.log(w.max() / w.min()) / spread) if spread > 0 else 0.0,
     }
 
 
@@ -494,7 +503,8 @@ def fixed_released_weights(
     """(a, w): the released protocol's values at the current theta and its weights, mean 1;
     with ``cfg.placebo`` the weights are one seeded permutation of themselves."""
     a = released_values(model, train_set, val_set, cfg, pad_id)
-    w = released_weights(a, cfg.beta, cfg.clip)
+    beta = cfg.beta if cfg.beta_rho is None else eta_for_budget(a.clamp(-cfg.clip, cfg.clip), cfg.beta_rho)
+    w = released_weights(a, beta, cfg.clip)
     if cfg.placebo:
         w = w[torch.randperm(len(w), generator=torch.Generator().manual_seed(cfg.seed))]
     return a, w
