@@ -9,18 +9,21 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 MODES = ("none", "poe", "ads")
 MODE_INDEX = {name: i for i, name in enumerate(MODES)}
 EXTRA_ARGS_KEY = "distillgame"
+# The flat form of the same fields, as vLLM's OpenAI server carries them in ``vllm_xargs``.
+FLAT_PREFIX = "distillgame_"
+FLAT_FIELDS = ("mode", "gamma", "lam", "eps")
 
 
 @dataclass(frozen=True)
 class Defense:
-    """One request's defense, as carried in ``SamplingParams.extra_args["distillgame"]``."""
+    """One request's defense, as carried in ``SamplingParams.extra_args`` (see :func:`parse_defense`)."""
 
     mode: str = "none"
     gamma: float = 0.0  # PoE weight on the proxy (eq. 5)
@@ -39,45 +42,77 @@ class Defense:
         return {"mode": "none"}
 
 
-def _number(section: dict[str, Any], key: str) -> float:
+def _number(section: dict[str, Any], key: str, name: str) -> float:
     value = section.get(key)
     # bool is an int subclass; True as a gamma is a caller bug, not 1.0.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"distillgame.{key} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"distillgame.{key} must be finite, got {value!r}")
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return value
 
 
+def flat_defense_args(defense: Defense) -> dict[str, Any]:
+    """``defense`` in the flat form vLLM's OpenAI server carries (``vllm_xargs``): ``{"distillgame_mode": ...}``."""
+    return {f"{FLAT_PREFIX}{key}": value for key, value in defense.as_dict().items()}
+
+
 def parse_defense(extra_args: dict[str, Any] | None) -> Defense:
-    """Validate and parse a request's defense; raise ``ValueError`` naming the bad parameter."""
-    if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+    """Validate and parse a request's defense; raise ``ValueError`` naming the bad parameter.
+
+    Two forms: nested, ``{"distillgame": {"mode": "poe", "gamma": 0.65}}``
+    (``SamplingParams`` built by our own code), and flat,
+    ``{"distillgame_mode": "poe", "distillgame_gamma": 0.65}``: vLLM's OpenAI
+    server types ``vllm_xargs`` as a flat dict of scalars, so the nested form
+    cannot reach the engine through it. Both at once are refused rather than
+    merged, so no second copy can sit beside the one a gateway wrote.
+    """
+    if not extra_args:
+        return Defense()
+    flat = {key: value for key, value in extra_args.items()
+            if isinstance(key, str) and key.startswith(FLAT_PREFIX)}
+    if flat:
+        if EXTRA_ARGS_KEY in extra_args:
+            first = sorted(flat)[0]
+            raise ValueError(f"{first} and {EXTRA_ARGS_KEY} given together; send the defense in one form only")
+        unknown = sorted(key for key in flat if key[len(FLAT_PREFIX):] not in FLAT_FIELDS)
+        if unknown:
+            known = ", ".join(FLAT_PREFIX + name for name in FLAT_FIELDS)
+            raise ValueError(f"{unknown[0]} is not a defense parameter (known: {known})")
+        section = {key[len(FLAT_PREFIX):]: value for key, value in flat.items()}
+        return _parse_section(section, lambda key: FLAT_PREFIX + key)
+    if EXTRA_ARGS_KEY not in extra_args:
         return Defense()
     section = extra_args[EXTRA_ARGS_KEY]
     if section is None:
         return Defense()
     if not isinstance(section, dict):
         raise ValueError(f"distillgame must be an object, got {type(section).__name__}")
+    return _parse_section(section, lambda key: f"{EXTRA_ARGS_KEY}.{key}")
+
+
+def _parse_section(section: dict[str, Any], name: Callable[[str], str]) -> Defense:
+    """One defense from its fields; ``name`` spells a field as the caller sent it (for the error)."""
     mode = section.get("mode", "none")
     if mode not in MODES:
-        raise ValueError(f"distillgame.mode must be one of {list(MODES)}, got {mode!r}")
+        raise ValueError(f"{name('mode')} must be one of {list(MODES)}, got {mode!r}")
     allowed = {"none": {"mode"}, "poe": {"mode", "gamma"}, "ads": {"mode", "lam", "eps"}}[mode]
     unknown = sorted(set(section) - allowed)
     if unknown:
-        raise ValueError(f"distillgame.{unknown[0]} is not a parameter of mode {mode!r}")
+        raise ValueError(f"{name(unknown[0])} is not a parameter of mode {mode!r}")
     if mode == "poe":
-        gamma = _number(section, "gamma")
+        gamma = _number(section, "gamma", name("gamma"))
         if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"distillgame.gamma must be in [0, 1], got {gamma}")
+            raise ValueError(f"{name('gamma')} must be in [0, 1], got {gamma}")
         return Defense("poe", gamma=gamma)
     if mode == "ads":
-        lam = _number(section, "lam")
+        lam = _number(section, "lam", name("lam"))
         if lam < 0.0:
-            raise ValueError(f"distillgame.lam must be >= 0, got {lam}")
-        eps = _number(section, "eps") if "eps" in section else 1e-4
+            raise ValueError(f"{name('lam')} must be >= 0, got {lam}")
+        eps = _number(section, "eps", name("eps")) if "eps" in section else 1e-4
         if eps <= 0.0:
-            raise ValueError(f"distillgame.eps must be > 0, got {eps}")
+            raise ValueError(f"{name('eps')} must be > 0, got {eps}")
         return Defense("ads", lam=lam, eps=eps)
     return Defense()
 

@@ -1,12 +1,21 @@
-"""The per-row mixing arithmetic against direct float64 formulas, -inf entries included."""
+"""The per-row mixing arithmetic against direct float64 formulas, -inf entries included,
+and the two forms a request's defense arrives in (nested and flat ``extra_args``)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from distillgame.plugins.mixing import ads_tilt, kl_and_agreement, poe_mix
+from distillgame.plugins.mixing import (
+    Defense,
+    ads_tilt,
+    flat_defense_args,
+    kl_and_agreement,
+    parse_defense,
+    poe_mix,
+)
 
 
 def _rows(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +81,45 @@ def test_ads_tilt_is_the_scaled_finite_difference():
     want = teacher + 1.0 * (plus - minus)
     assert torch.allclose(out[finite], want[finite], atol=1e-6)
     assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("nested", [
+    {"mode": "poe", "gamma": 0.65},
+    {"mode": "poe", "gamma": 1},
+    {"mode": "ads", "lam": 0.1, "eps": 0.05},
+    {"mode": "ads", "lam": 0.0},
+    {"mode": "none"},
+])
+def test_flat_vllm_xargs_parse_to_the_same_defense_as_the_nested_form(nested):
+    flat = {f"distillgame_{key}": value for key, value in nested.items()}
+    want = parse_defense({"distillgame": nested})
+    assert parse_defense(flat) == want
+    # Other engine arguments beside it are not the defense's business.
+    assert parse_defense({**flat, "kv_transfer_params": 1, "session": "x"}) == want
+    # What a gateway writes parses back to the defense it was made from.
+    assert parse_defense(flat_defense_args(want)) == want
+
+
+@pytest.mark.parametrize("extra_args, param", [
+    ({"distillgame_mode": "poe", "distillgame_gamma": 0.5, "distillgame": {"mode": "none"}}, "distillgame_gamma"),
+    ({"distillgame_mode": "none", "distillgame": None}, "distillgame_mode"),
+    ({"distillgame_mode": "poe", "distillgame_gamma": 0.5, "distillgame_strength": 2}, "distillgame_strength"),
+    ({"distillgame_gama": 0.5}, "distillgame_gama"),
+    ({"distillgame_mode": "poe", "distillgame_gamma": 1.5}, "distillgame_gamma"),
+    ({"distillgame_mode": "poe", "distillgame_gamma": "0.5"}, "distillgame_gamma"),
+    ({"distillgame_mode": "poe"}, "distillgame_gamma"),
+    ({"distillgame_gamma": 0.5}, "distillgame_gamma"),  # mode defaults to none, which has no gamma
+    ({"distillgame_mode": "ads", "distillgame_lam": -1.0}, "distillgame_lam"),
+    ({"distillgame_mode": "ads", "distillgame_lam": 0.1, "distillgame_eps": 0}, "distillgame_eps"),
+    ({"distillgame_mode": "strong"}, "distillgame_mode"),
+])
+def test_bad_flat_defense_is_a_value_error_naming_the_parameter(extra_args, param):
+    with pytest.raises(ValueError) as err:
+        parse_defense(extra_args)
+    # The processor's validate_params reports the first word as the parameter.
+    assert str(err.value).split(" ", 1)[0] == param, str(err.value)
+
+
+def test_extra_args_without_any_defense_key_are_undefended():
+    assert parse_defense({}) == Defense()
+    assert parse_defense({"distillgamer": 1, "other_distillgame_mode": "poe"}) == Defense()
