@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.distillgame-installed
 # vLLM ships one module, `vllm`, as a CUDA wheel and as a CPU wheel.
 EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install serve test test-fast clean-venv
+.PHONY: install serve test test-fast gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=1200 --durations=20 tests
+
+# On a machine with CUDA: the engine equivalence and fail-closed tests on the
+# GPU path, then a short overhead run; one summary line per check (< 10 min).
+gpu-check: $(STAMP)
+	$(BIN)/distillgame check --gpu
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "distillgame.tasks_cli",  # eval, zoo
     "distillgame.clients.cli",  # attack
     "distillgame.bench.cli",  # bench
+    "distillgame.check",  # check --gpu
 )
 
 

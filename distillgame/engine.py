@@ -49,6 +49,10 @@ class EngineConfig:
     disable_log_stats: bool = True
     fault_file: str | None = None
     extra_defense: dict[str, Any] = field(default_factory=dict)
+    # Any other vLLM engine argument, applied last (e.g. enable_chunked_prefill).
+    # Settings the defense does not run under (speculative_config,
+    # async_scheduling=True, enable_prompt_embeds) make the engine refuse to start.
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def defense_section(self) -> dict[str, Any]:
         section: dict[str, Any] = {"proxy": models.resolve(self.proxy, "proxy")}
@@ -76,8 +80,12 @@ class EngineConfig:
             logprobs_mode="processed_logprobs",
             additional_config={"distillgame": self.defense_section()},
             disable_log_stats=self.disable_log_stats,
-            # Lets the server read the processor's fidelity counters by name.
+            # Lets the server read the processor's fidelity counters and check
+            # that it is live in every worker.
             worker_extension_cls="distillgame.plugins.processor.DefenseWorkerExtension",
+            # vLLM's GPU default; the processor reads output-token lists that
+            # async scheduling fills with placeholders (see plugins.processor.check_engine).
+            async_scheduling=False,
         )
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
@@ -92,7 +100,35 @@ class EngineConfig:
             # is prefilled in one step (vLLM raises the budget to at least
             # max_model_len), so seeds are honoured.
             kwargs["enable_chunked_prefill"] = False
+        kwargs.update(self.engine_overrides)
         return kwargs
+
+
+class DefenseNotLive(RuntimeError):
+    """A defended engine started, but some worker has no live defense processor: it must not serve."""
+
+
+def verify_defense_live(statuses: list[dict[str, Any]]) -> None:
+    """Raise :class:`DefenseNotLive` unless every worker reports a live processor.
+
+    ``statuses`` is ``collective_rpc(status_rpc)``'s answer, one dict per worker
+    (:meth:`~distillgame.plugins.processor.DefenseWorkerExtension.distillgame_status`).
+    This is the check that catches what the processor itself cannot see,
+    because vLLM never builds it: speculative decoding, or a launcher that
+    left out the ``distillgame`` section.
+    """
+    if not statuses:
+        raise DefenseNotLive("the engine reported no workers")
+    for i, status in enumerate(statuses):
+        if status.get("live", 0) >= 1:
+            continue
+        if status.get("speculative"):
+            reason = "speculative decoding is on, and vLLM then builds no custom logits processors"
+        elif not status.get("configured"):
+            reason = "the engine has no additional_config['distillgame'] section"
+        else:
+            reason = "no defense processor was built"
+        raise DefenseNotLive(f"worker {i}: {reason}; a defended engine must not serve")
 
 
 def _on_cpu() -> bool:
@@ -102,8 +138,20 @@ def _on_cpu() -> bool:
 
 
 def build_llm(config: EngineConfig):
-    """A synchronous ``vllm.LLM`` with the defense (call under ``if __name__ == "__main__"``)."""
+    """A synchronous ``vllm.LLM`` with the defense, checked live in every worker.
+
+    Call under ``if __name__ == "__main__"``. Raises :class:`DefenseNotLive`
+    (after shutting the engine down) where the defense would not run.
+    """
     prepare_environment()
     from vllm import LLM
 
-    return LLM(**config.engine_kwargs())
+    from distillgame.plugins.processor import status_rpc
+
+    llm = LLM(**config.engine_kwargs())
+    try:
+        verify_defense_live(llm.collective_rpc(status_rpc))
+    except DefenseNotLive:
+        llm.llm_engine.engine_core.shutdown()
+        raise
+    return llm

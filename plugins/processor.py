@@ -23,7 +23,20 @@ proxy's architecture supports it (Llama family) and ``"fd"`` elsewhere.
 Per step, the proxy's work is one batched forward per proxy model (the proxy,
 and for ADS its forward-mode runner or its two perturbed copies).
 Failures are not caught: an exception here aborts the engine step, so no token
-is ever sampled from an undefended row (fail closed).
+is ever sampled from an undefended row (fail closed). That includes a proxy
+that returns NaN or inf (a float16 proxy can overflow): a device-side assert,
+with no host sync on GPUs, fails the step instead of releasing the teacher.
+
+Supported engines (:func:`check_engine`, at start-up): the V1 model runner
+without async scheduling, speculative decoding or prompt embeddings, a
+``max_model_len`` within the proxy's positions, a proxy vocabulary covering
+the teacher tokenizer's ids. Anything else refuses to start rather than
+serve rows the tests never saw. Under Model Runner V2 the entry point stays
+loadable (see :class:`DefenseLogitsProcessor`): undefended engines start, a
+defended one refuses.
+
+Not for: the per-token math (:mod:`distillgame.plugins.mixing`) or the
+proxy's KV caches (:mod:`distillgame.plugins.proxy_runner`).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from distillgame.plugins.ads_grad import load_gradient, perturbed_copy
 from distillgame.plugins.ads_jvp import JvpProxyRunner, unsupported_reason
@@ -60,8 +74,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Name of the worker method (see DefenseWorkerExtension) that returns fidelity.
+# Names of the worker methods (see DefenseWorkerExtension): fidelity counters,
+# and whether a live processor is installed.
 fidelity_rpc = "distillgame_fidelity"
+status_rpc = "distillgame_status"
 
 _LIVE: "weakref.WeakSet[DefenseLogitsProcessor]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
@@ -109,8 +125,50 @@ def defense_section(vllm_config: "VllmConfig") -> dict[str, Any] | None:
     return extra.get(EXTRA_ARGS_KEY)
 
 
-def check_same_tokenizer(teacher: str, proxy: str) -> None:
-    """Refuse a proxy whose tokenizer differs from the teacher's: the mix is per token id."""
+def check_engine(vllm_config: "VllmConfig") -> None:
+    """Refuse engine settings under which the defense would run untested or not at all.
+
+    - Async scheduling (vLLM's GPU default): the output-token lists a
+      processor reads hold ``-1`` placeholders unless the input batch's
+      ``logitsprocs_need_output_token_ids`` is set, which vLLM does only for
+      processors passed via ``logits_processors=``, not for entry points.
+    - Speculative decoding: ``build_logitsprocs`` then builds no custom
+      processor at all, so this check can only run where some other code of
+      ours sees the config (:func:`distillgame.engine.verify_defense_live`);
+      kept here for engines that do build processors under it.
+    - Prompt embeddings: a request without token ids gives the proxy nothing to read.
+    """
+    scheduler = vllm_config.scheduler_config
+    if getattr(scheduler, "async_scheduling", False):
+        raise ValueError(
+            "the defense does not run under async scheduling (its output-token lists would hold "
+            "placeholders); start the engine with async_scheduling=False (--no-async-scheduling)"
+        )
+    if getattr(vllm_config, "speculative_config", None):
+        raise ValueError("the defense does not run with speculative decoding (vLLM turns custom "
+                         "logits processors off); remove the speculative config")
+    if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
+        raise ValueError("the defense needs token ids; start the engine without enable_prompt_embeds")
+
+
+def check_proxy_coverage(proxy_config: Any, max_model_len: int, tokenizer_size: int, proxy_vocab: int) -> None:
+    """Refuse a proxy that cannot see every position or score every token the engine may release."""
+    text_config = proxy_config.get_text_config() if hasattr(proxy_config, "get_text_config") else proxy_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions and max_model_len > positions:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the proxy's max_position_embeddings {positions}; "
+            f"start the engine with max_model_len <= {positions}"
+        )
+    if proxy_vocab < tokenizer_size:
+        raise ValueError(
+            f"the proxy's vocabulary ({proxy_vocab} rows) does not cover the teacher tokenizer's "
+            f"{tokenizer_size} ids"
+        )
+
+
+def check_same_tokenizer(teacher: str, proxy: str) -> int:
+    """Refuse a proxy whose tokenizer differs from the teacher's (the mix is per token id); return its size."""
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(teacher)
@@ -124,6 +182,7 @@ def check_same_tokenizer(teacher: str, proxy: str) -> None:
             f"({len(tv)} vs {len(pv)} entries; e.g. teacher-only {only_t}, proxy-only {only_p}); "
             "the defense mixes distributions token id by token id, so they must be identical"
         )
+    return len(t)
 
 
 @dataclass
@@ -134,6 +193,13 @@ class _Row:
     output: list[int]  # live list owned by the engine; grows each step
     runners: tuple[Any, ...]
     fed: int = 0
+    # len(output) when apply() last sampled this row; None before its first step.
+    # The sample was released iff the output has grown since (with chunked
+    # prefill, a row still inside its prompt is sampled and the token dropped).
+    sampled_at: int | None = None
+
+    def released_last_sample(self) -> bool:
+        return self.sampled_at is not None and len(self.output) > self.sampled_at
 
     def new_tokens(self) -> list[int]:
         n_prompt = len(self.prompt)
@@ -149,8 +215,16 @@ class _AdsPair:
     users: set[int] = field(default_factory=set)
 
 
-class DefenseLogitsProcessor(LogitsProcessor):
-    """PoE and ADS rows mixed with a co-hosted proxy; everything else untouched."""
+class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
+    """PoE and ADS rows mixed with a co-hosted proxy; everything else untouched.
+
+    The class also subclasses Model Runner V2's processor interface, because
+    vLLM loads every ``vllm.logits_processors`` entry point into every engine
+    and V2 rejects V1-only classes at start-up: without it, installing the
+    package would stop every undefended engine on a GPU. Under V2 it is inert
+    (``add_request`` declines every row) and refuses to start if the engine
+    is configured for the defense, which runs on the V1 runner only.
+    """
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -160,12 +234,22 @@ class DefenseLogitsProcessor(LogitsProcessor):
             param = str(exc).split(" ", 1)[0]
             raise VLLMValidationError(str(exc), parameter=param) from exc
 
-    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+    def __init__(self, vllm_config: "VllmConfig", device: Any, is_pin_memory: bool | None = None) -> None:
         section = defense_section(vllm_config)
         self.active = section is not None
         self.rows: dict[int, _Row] = {}
+        if is_pin_memory is None:
+            # Model Runner V2 constructs processors as (vllm_config, req_states).
+            self.active = False
+            if section is not None:
+                raise RuntimeError(
+                    "the distillgame defense runs on vLLM's V1 model runner only; "
+                    "set VLLM_USE_V2_MODEL_RUNNER=0 for this engine"
+                )
+            return
         if not self.active:
             return
+        check_engine(vllm_config)
         with _LIVE_LOCK:
             for other in _LIVE:
                 if other.active and other.vllm_config is vllm_config:
@@ -183,7 +267,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.free_slots = list(range(self.num_slots - 1, -1, -1))
         self.cache_len = self.settings.initial_cache_len or vllm_config.model_config.max_model_len
 
-        check_same_tokenizer(model_config.tokenizer, self.settings.proxy)
+        tokenizer_size = check_same_tokenizer(model_config.tokenizer, self.settings.proxy)
         dtype = _DTYPES[self.settings.dtype] if self.settings.dtype else model_config.dtype
         from transformers import AutoModelForCausalLM
 
@@ -192,6 +276,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.proxy_model = proxy
         self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.cache_len)
         teacher_vocab = model_config.get_vocab_size()
+        check_proxy_coverage(proxy.config, model_config.max_model_len, tokenizer_size, self.proxy.vocab_size)
         self.vocab = min(teacher_vocab, self.proxy.vocab_size)
         self.ads_grad = load_gradient(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
         self.ads_pairs: dict[float, _AdsPair] = {}
@@ -202,6 +287,10 @@ class DefenseLogitsProcessor(LogitsProcessor):
         self.kl_sum = torch.zeros(n_modes, dtype=torch.float64, device=self.device)
         self.tokens = torch.zeros(n_modes, dtype=torch.long, device=self.device)
         self.agree = torch.zeros(n_modes, dtype=torch.long, device=self.device)
+        # Each slot's last sample, counted once it is known to be released (see _Row.sampled_at).
+        self.pending_kl = torch.zeros(self.num_slots, dtype=torch.float64, device=self.device)
+        self.pending_agree = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        self.pending_mode = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         logger.info(
             "defense ready: proxy vocab %d, teacher vocab %d, %d slots, proxy KV cache %.2f GiB "
             "(%d positions per slot; ADS adds twice that, per eps in use for fd), ADS %s",
@@ -266,10 +355,18 @@ class DefenseLogitsProcessor(LogitsProcessor):
         pair = self.ads_pairs[eps] = _AdsPair(*copies)
         return pair
 
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """Model Runner V2: never take a row (a defended V2 engine does not get this far)."""
+        return False
+
     def _release(self, index: int) -> None:
         row = self.rows.pop(index, None)
-        if row is None:
-            return
+        if row is not None:
+            self._free(row)
+
+    def _free(self, row: _Row) -> None:
+        if row.released_last_sample():
+            self._count([row.slot])
         self.free_slots.append(row.slot)
         if row.defense.mode == "ads" and self.ads_method == "fd":
             pair = self.ads_pairs.get(row.defense.eps)
@@ -287,6 +384,9 @@ class DefenseLogitsProcessor(LogitsProcessor):
             defense = parse_defense(params.extra_args if params is not None else None)
             if not defense.active:
                 continue
+            if prompt_ids is None:
+                raise ValueError("a defended request without prompt token ids (prompt embeddings) "
+                                 "reached the defense; refusing to mix without the proxy's context")
             slot = self.free_slots.pop()
             if defense.mode == "poe":
                 runners: tuple[Any, ...] = (self.proxy,)
@@ -299,7 +399,7 @@ class DefenseLogitsProcessor(LogitsProcessor):
             for runner in runners:
                 runner.reset(slot)
             # A (re-)added request replays its prompt and any outputs so far.
-            self.rows[index] = _Row(defense, slot, list(prompt_ids or []), output_ids, runners)
+            self.rows[index] = _Row(defense, slot, list(prompt_ids), output_ids, runners)
         for a, b, direction in batch_update.moved:
             row_a = self.rows.pop(a, None)
             row_b = self.rows.pop(b, None)
@@ -309,19 +409,30 @@ class DefenseLogitsProcessor(LogitsProcessor):
                 self.rows[a] = row_b
             elif row_b is not None:
                 # A one-way move overwrites b: its previous occupant is gone.
-                self.free_slots.append(row_b.slot)
+                self._free(row_b)
 
     def _check_fault(self) -> None:
         fault = self.settings.fault_file
         if fault and os.path.exists(fault):
             raise RuntimeError(f"injected proxy failure ({fault} exists)")
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def _count(self, slots: list[int]) -> None:
+        """Add the slots' pending samples to the fidelity counters (eq. 1 budget), on the device."""
+        if not slots:
+            return
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        mode = self.pending_mode[idx]
+        self.kl_sum.index_add_(0, mode, self.pending_kl[idx])
+        self.tokens.index_add_(0, mode, torch.ones_like(mode))
+        self.agree.index_add_(0, mode, self.pending_agree[idx])
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self.active or not self.rows:
             return logits
         self._check_fault()
         indices = sorted(self.rows)
         rows = [self.rows[i] for i in indices]
+        self._count([row.slot for row in rows if row.released_last_sample()])
         news = [row.new_tokens() for row in rows]
         for new in news:
             if -1 in new:
@@ -335,6 +446,11 @@ class DefenseLogitsProcessor(LogitsProcessor):
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         for runner, positions in per_runner.values():
             logprobs = runner.step([rows[p].slot for p in positions], [news[p] for p in positions])
+            # Fail closed on a non-finite proxy (e.g. float16 overflow): the mix
+            # would turn it into the tempered or plain teacher. Asynchronous on
+            # GPUs: the step fails at vLLM's own sync, before any token is released.
+            torch._assert_async(torch.isfinite(logprobs[:, : self.vocab]).all(),
+                                "the defense's proxy returned NaN or inf; refusing to release this step")
             for k, p in enumerate(positions):
                 outputs[(id(runner), p)] = logprobs[k]
         for row, new in zip(rows, news):
@@ -362,20 +478,36 @@ class DefenseLogitsProcessor(LogitsProcessor):
                 eps = torch.tensor([rows[p].defense.eps for p in ads], device=logits.device)[:, None]
                 mixed[pos_t] = ads_tilt(teacher[pos_t], first, minus, lam, eps)
 
+        # What vLLM masked before us (allowed_token_ids, bad_words, min_tokens'
+        # EOS, grammar bitmasks) stays masked: at gamma = 1 the mix would give
+        # those tokens the proxy's mass.
+        mixed.masked_fill_(torch.isneginf(teacher), float("-inf"))
         logits[index_t, :vocab] = mixed.to(logits.dtype)
         if logits.shape[1] > vocab:
             logits[index_t, vocab:] = float("-inf")
 
-        # Fidelity (eq. 1 budget) accumulates on the device: no host sync per step.
+        # Fidelity stays on the device (no host sync per step) and is counted
+        # only once the sample is known to be released (see _Row.sampled_at).
         kl, agree = kl_and_agreement(mixed, teacher)
-        mode_t = torch.tensor([MODE_INDEX[row.defense.mode] for row in rows], device=logits.device)
-        self.kl_sum.index_add_(0, mode_t, kl.double())
-        self.tokens.index_add_(0, mode_t, torch.ones_like(mode_t))
-        self.agree.index_add_(0, mode_t, agree.long())
+        slot_t = torch.tensor([row.slot for row in rows], dtype=torch.long, device=logits.device)
+        self.pending_kl[slot_t] = kl.double()
+        self.pending_agree[slot_t] = agree.long()
+        self.pending_mode[slot_t] = torch.tensor([MODE_INDEX[row.defense.mode] for row in rows], device=logits.device)
+        for row in rows:
+            row.sampled_at = len(row.output)
         return logits
 
     def fidelity(self) -> dict[str, dict[str, float | int]]:
-        kl, tokens, agree = self.kl_sum.tolist(), self.tokens.tolist(), self.agree.tolist()
+        kl, tokens, agree = self.kl_sum.clone(), self.tokens.clone(), self.agree.clone()
+        # Samples released by the engine's last step but not yet seen by apply().
+        done = [row.slot for row in self.rows.values() if row.released_last_sample()]
+        if done:
+            idx = torch.tensor(done, dtype=torch.long, device=self.device)
+            mode = self.pending_mode[idx]
+            kl.index_add_(0, mode, self.pending_kl[idx])
+            tokens.index_add_(0, mode, torch.ones_like(mode))
+            agree.index_add_(0, mode, self.pending_agree[idx])
+        kl, tokens, agree = kl.tolist(), tokens.tolist(), agree.tolist()
         return {
             mode: {"tokens": tokens[i], "kl_sum": kl[i], "argmax_agree": agree[i]}
             for i, mode in enumerate(MODES)
@@ -391,10 +523,23 @@ class DefenseLogitsProcessor(LogitsProcessor):
 
 
 class DefenseWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``) to read the processor's counters.
+    """Mixed into vLLM's worker (``worker_extension_cls``) to read the processor's state.
 
-    ``engine.collective_rpc("distillgame_fidelity")`` returns one dict per worker.
+    ``engine.collective_rpc("distillgame_fidelity")`` returns one dict per worker,
+    and so does ``engine.collective_rpc("distillgame_status")``.
     """
+
+    def distillgame_status(self) -> dict[str, Any]:
+        """Whether this worker's engine asks for the defense and has a live processor applying it."""
+        config = getattr(self, "vllm_config", None)
+        with _LIVE_LOCK:
+            live = [p for p in _LIVE if p.active and (config is None or p.vllm_config is config)]
+        return {
+            "configured": config is not None and defense_section(config) is not None,
+            "live": len(live),
+            "speculative": bool(getattr(config, "speculative_config", None)),
+            "async_scheduling": bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False)),
+        }
 
     def distillgame_fidelity(self) -> dict[str, dict[str, float | int]]:
         total: dict[str, dict[str, float | int]] = {

@@ -49,12 +49,31 @@ def _onednn_ops():
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
+_NO_ONEDNN: set[torch.dtype] = set()
+
+
+def _pack(ops, weight: torch.Tensor):
+    """oneDNN's packed handler for ``weight``, or None where this CPU has no kernel for its dtype.
+
+    bf16 GEMMs need AVX-512 (BF16) or AMX; on an AVX2-only CPU oneDNN cannot
+    create the primitive, and ``F.linear`` is the fallback.
+    """
+    if weight.dtype in _NO_ONEDNN:
+        return None
+    try:
+        return ops.create_onednn_mm(weight.t(), 32)
+    except RuntimeError as exc:
+        _NO_ONEDNN.add(weight.dtype)
+        logger.info("oneDNN has no %s GEMM on this CPU (%s); the proxy uses torch's", weight.dtype, str(exc)[:60])
+        return None
+
+
 def engine_gemm(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> x @ weight.T`` on the engine's GEMM (oneDNN, weight packed once) where it applies, else ``F.linear``."""
     ops = _onednn_ops() if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) else None
-    if ops is None:
+    handler = _pack(ops, weight) if ops is not None else None
+    if handler is None:
         return functools.partial(torch.nn.functional.linear, weight=weight)
-    handler = ops.create_onednn_mm(weight.t(), 32)
     handler.weight = weight  # keeps the source alive for as long as the handler
     return functools.partial(_engine_linear, ops, handler, None)
 
@@ -81,7 +100,9 @@ def use_engine_gemm(model: torch.nn.Module) -> int:
         weight = module.weight.detach()
         if weight.dtype not in (torch.float32, torch.bfloat16):
             continue
-        handler = ops.create_onednn_mm(weight.t(), 32)
+        handler = _pack(ops, weight)
+        if handler is None:
+            return count
         # An instance attribute shadows nn.Linear.forward; module() still runs hooks.
         module.__dict__[_GEMM_ATTR] = handler
         module.forward = functools.partial(_engine_linear, ops, handler, module.bias)
@@ -232,7 +253,12 @@ class SlotRunner:
     device: torch.device
 
     def reset(self, slot: int) -> None:
+        """Start ``slot`` afresh: nothing of its previous occupant may reach the new one."""
         self.lengths[slot] = 0
+        # NaN, not zeros: a row that reads its slot's answer before feeding any
+        # token would otherwise mix with stale or blank proxy log-probs; NaN
+        # trips the processor's finite check and fails the step.
+        self.last[slot] = float("nan")
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:

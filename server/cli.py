@@ -22,6 +22,13 @@ import uvicorn
 
 logger = logging.getLogger(__name__)
 
+# uvicorn closes idle keep-alive connections after 5 s by default. A client
+# that pooled the connection can then send its next request on a socket the
+# server is closing ("Server disconnected without sending a response"). The
+# server must outlast its clients' idle time, as production proxies do
+# (nginx 75 s, cloud load balancers 60 s in front of it).
+KEEP_ALIVE_S = 75.0
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve defended completions over an OpenAI-compatible API")
@@ -57,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest request body in MiB; larger ones get 413 before they are read")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive (slow clients get 408)")
+    p.add_argument("--keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle keep-alive connection stays open; keep it above the idle "
+                        "timeout of every client and proxy in front of the server")
     p.set_defaults(func=serve)
 
 
@@ -104,7 +114,8 @@ def serve(args: argparse.Namespace) -> int:
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                               timeout_graceful_shutdown=args.drain_timeout, access_log=False)
+                               timeout_graceful_shutdown=args.drain_timeout, access_log=False,
+                               timeout_keep_alive=args.keep_alive)
     server = DrainingServer(uv_config)
     server_box.append(server)
     logger.info("serving %s on http://%s:%d (policy: %s)", name, args.host, args.port, args.policy or "default PoE, no auth")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distillgame.engine import EngineConfig, prepare_environment
+from distillgame.engine import EngineConfig, prepare_environment, verify_defense_live
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,15 @@ class EngineSupervisor:
         # loads both models); a thread keeps /health answering meanwhile.
         # AsyncLLM starts its output loop lazily on the first request.
         engine = await asyncio.to_thread(self._build)
+        try:
+            # Not ready until every worker applies the defense (vLLM drops custom
+            # processors silently, e.g. under speculative decoding).
+            from distillgame.plugins.processor import status_rpc
+
+            verify_defense_live(await asyncio.wait_for(engine.collective_rpc(status_rpc), timeout=120))
+        except BaseException:
+            await asyncio.to_thread(self._shutdown_engine, engine)
+            raise
         self.engine = engine
         if self.tokenizer is None:
             from transformers import AutoTokenizer

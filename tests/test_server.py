@@ -321,6 +321,36 @@ def test_seeded_requests_whose_prompts_share_a_step_are_served_and_reproducible(
     assert httpx.get(f"{server.base_url}/health").json()["restarts"] == 0
 
 
+def _http_get_on(sock, path: str) -> int:
+    """Send one keep-alive GET on an open socket; return the status, reading the whole response."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("the server closed the connection without a response")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return int(head.split(b" ")[1])
+
+
+def test_idle_keep_alive_connection_outlives_a_pooled_clients_pause(server):
+    """A pooled connection idle for longer than uvicorn's 5 s default still serves the next request.
+
+    With the default, the server closes it under the client, and a request sent
+    at that moment fails with "Server disconnected without sending a response".
+    """
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        assert _http_get_on(sock, "/health") == 200
+        time.sleep(6.5)
+        assert _http_get_on(sock, "/health") == 200
+
+
 def test_chat_logprobs_have_openai_shape(client, model):
     r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=3, temperature=0.0,
                                        logprobs=True, top_logprobs=3)

@@ -1,0 +1,99 @@
+"""``distillgame check --gpu``: the acceptance check a provider runs before trusting a vLLM version on GPUs.
+
+Runs, on a machine with CUDA and vLLM's CUDA wheel:
+- the engine equivalence tests (PoE and ADS token for token against the
+  float64 oracle, preemption, staggered arrivals) and the fail-closed tests,
+  with vLLM's GPU defaults (chunked prefill on; async scheduling is what the
+  defended engine turns off and the tests assert);
+- a short ``bench overhead`` at concurrency 1 and 32 on the embedded pair.
+Prints one summary line per check and exits non-zero if any failed. Sized to
+finish in under 10 minutes on one GPU.
+
+Not for: CPU machines (``make test`` is their check) or timing claims (the
+overhead run here is a smoke-sized sample; ``distillgame bench overhead`` is
+the measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_TESTS = ("tests/test_poe_engine.py", "tests/test_ads.py", "tests/test_fail_closed.py")
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    summary: str
+    seconds: float
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<22} {self.seconds:6.0f} s  {self.summary}"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("check", help="acceptance checks of the defense on this machine's accelerator")
+    p.add_argument("--gpu", action="store_true", required=True, help="run the GPU acceptance check")
+    p.add_argument("--skip-bench", action="store_true", help="only the engine tests")
+    p.add_argument("--timeout", type=float, default=540.0, help="seconds for the engine tests")
+    p.set_defaults(func=run)
+
+
+def _pytest(timeout: float) -> Outcome:
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ENGINE_TESTS]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Outcome("engine tests", False, f"timed out after {timeout:.0f} s", time.perf_counter() - start)
+    tail = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout[-6000:] + proc.stderr[-3000:])
+    summary = tail[-1].strip("= ") if tail else f"pytest exit {proc.returncode}"
+    return Outcome("engine tests", proc.returncode == 0, summary, time.perf_counter() - start)
+
+
+def _overhead(out: Path) -> Outcome:
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "distillgame.cli", "bench", "overhead", "--concurrency", "1", "32",
+           "--rounds", "1", "--max-tokens", "32", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        return Outcome("bench overhead", False, f"exit {proc.returncode}", seconds)
+    rows = json.loads((out / "overhead.json").read_text())["results"]
+    parts = [f"{r['mode']}@{r['concurrency']} {r['tok_per_s']:.0f} tok/s x{r['ratio']:.2f}" for r in rows
+             if r["mode"] != "none"]
+    return Outcome("bench overhead", True, "; ".join(parts), seconds)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        logger.error("no CUDA device: `distillgame check --gpu` needs a GPU (on CPUs, `make test` is the check)")
+        return 2
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    outcomes = [_pytest(args.timeout)]
+    if not args.skip_bench:
+        with tempfile.TemporaryDirectory() as tmp:
+            outcomes.append(_overhead(Path(tmp)))
+    print(f"distillgame GPU check on {torch.cuda.get_device_name(0)}")
+    for outcome in outcomes:
+        print(outcome.line())
+    return 0 if all(o.ok for o in outcomes) else 1
