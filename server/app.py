@@ -36,7 +36,8 @@ from distillgame.server.limits import (
     ErrorShieldMiddleware,
 )
 from distillgame.server.metrics import ServerMetrics
-from distillgame.server.policy import AuthError, Policy, RateLimiter, Tier, hash_key
+from distillgame.server.policy import ENGINE_FIELDS as _ENGINE_FIELDS
+from distillgame.server.policy import AuthError, Policy, RateLimiter, Tier, identify
 from distillgame.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -64,11 +65,6 @@ logger = logging.getLogger(__name__)
 
 # JSON has no -inf; a token the defense rules out entirely is reported at this floor (as vLLM does).
 _LOGPROB_FLOOR = -9999.0
-# Fields whose only purpose is to reach engine internals; named so the 400 says why.
-_ENGINE_FIELDS = frozenset(
-    {"vllm_xargs", "extra_args", "defense", "distillgame", "logits_processors", "sampling_params",
-     "logit_bias", "allowed_token_ids", "bad_words", "prompt_embeds", "kv_transfer_params"}
-)
 
 
 class APIError(Exception):
@@ -191,19 +187,16 @@ def create_app(state: ServerState) -> FastAPI:
         return _error_response(APIError(400, message, param=param, code="invalid_parameter"))
 
     async def caller(request: Request) -> Caller:
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         try:
-            tier = state.policy.authenticate(key or None)
+            tier, ident = identify(state.policy, request.headers.get("authorization"))
         except AuthError as exc:
             raise APIError(401, str(exc), type="authentication_error", code="invalid_api_key") from None
-        ident = hash_key(key).hex()[:16] if key else f"anonymous:{tier.name}"
         return Caller(tier=tier, ident=ident)
 
     async def rate_limited_caller(who: Caller = Depends(caller)) -> Caller:
-        if not state.limiter.allow(who.ident, who.tier.requests_per_minute):
+        wait = state.limiter.admit(who.ident, who.tier.requests_per_minute)
+        if wait is not None:
             state.metrics.requests.labels(who.tier.name, who.tier.defense.mode, "-", "rate_limited").inc()
-            wait = math.ceil(state.limiter.retry_after(who.ident)) or 1
             raise APIError(429, f"rate limit of {who.tier.requests_per_minute} requests per minute exceeded",
                            type="rate_limit_error", code="rate_limit_exceeded", retry_after=wait)
         return who
@@ -309,13 +302,11 @@ class _Generation:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     def check_logprobs(self, k: int, param: str) -> None:
-        tier = self.who.tier
-        if not tier.allow_logprobs:
+        refusal = self.who.tier.logprobs_refusal(k)
+        if refusal is not None:
             self.count("rejected")
-            raise APIError(400, f"logprobs are not allowed for tier '{tier.name}'", param=param, code="logprobs_refused")
-        if k > tier.max_top_logprobs:
-            self.count("rejected")
-            raise APIError(400, f"at most {tier.max_top_logprobs} top logprobs for tier '{tier.name}'", param=param)
+            code = "logprobs_refused" if not self.who.tier.allow_logprobs else None
+            raise APIError(400, refusal, param=param, code=code)
 
     def prompts(self, prompt: Any) -> list[list[int]]:
         tok = self.tokenizer()

@@ -101,13 +101,20 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _reject(send: Send, status: int, message: str, code: str, close: bool = False) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send_error(send, status, message, code=code, close=close)
+
+
+async def send_error(send: Send, status: int, message: str, *, type: str = "invalid_request_error",
+                     code: str | None = None, param: str | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None, close: bool = False) -> None:
+    """Answer an ASGI request with an error in OpenAI's shape ``{"error": {message, type, param, code}}``."""
+    body = json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}).encode()
+    out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    out.extend(headers or ())
     if close:
         # The rest of the body is never read: the connection cannot be reused.
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        out.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
 
 

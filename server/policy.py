@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import os
 import threading
 import time
 import tomllib
@@ -27,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from distillgame.plugins.mixing import Defense, parse_defense
+from distillgame.plugins.mixing import Defense, flat_defense_args, parse_defense
 
 # PoE weight on the proxy (eq. 5) used when no policy file is given: the paper's
 # setting. With the embedded 10-layer proxy it costs a lot of fidelity (measured
@@ -35,6 +37,16 @@ from distillgame.plugins.mixing import Defense, parse_defense
 # agreement; gamma 0.1 gives 0.25 nats and 77%), so `serve --gamma` overrides it.
 DEFAULT_GAMMA = 0.65
 DEFAULT_TIER = "default"
+# Where the policy file's path comes from when the policy runs as middleware in
+# vLLM's own server (``vllm serve --middleware``), which passes no arguments.
+POLICY_ENV = "DISTILLGAME_POLICY"
+# Request fields whose only purpose is to reach engine internals (the defense's
+# extra_args, processors, hard masks that reach the teacher's logits before the
+# mix, KV transfer): both front ends refuse them and say why.
+ENGINE_FIELDS = frozenset(
+    {"vllm_xargs", "extra_args", "defense", "distillgame", "logits_processors", "sampling_params",
+     "logit_bias", "allowed_token_ids", "bad_words", "prompt_embeds", "kv_transfer_params"}
+)
 
 
 class DefenseSpec(BaseModel):
@@ -65,6 +77,10 @@ class DefenseSpec(BaseModel):
         """What the server puts in ``SamplingParams.extra_args`` for this tier."""
         return {"distillgame": self.to_defense().as_dict()}
 
+    def vllm_xargs(self) -> dict[str, Any]:
+        """The same defense in the flat form vLLM's OpenAI server carries to ``extra_args``."""
+        return flat_defense_args(self.to_defense())
+
     def public(self) -> dict[str, Any]:
         return self.to_defense().as_dict()
 
@@ -84,6 +100,14 @@ class Tier(BaseModel):
     @property
     def defended(self) -> bool:
         return self.defense.mode != "none"
+
+    def logprobs_refusal(self, k: int) -> str | None:
+        """Why a request for ``k`` top logprobs per token is refused for this tier, or None."""
+        if not self.allow_logprobs:
+            return f"logprobs are not allowed for tier '{self.name}'"
+        if k > self.max_top_logprobs:
+            return f"at most {self.max_top_logprobs} top logprobs for tier '{self.name}'"
+        return None
 
     def public(self) -> dict[str, Any]:
         """The caller's view of its tier (``GET /v1/defense``): no keys, no hashes."""
@@ -185,6 +209,24 @@ class Policy(BaseModel):
         return self.tiers[found]
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The API key of an ``Authorization: Bearer <key>`` header, or None."""
+    auth = authorization or ""
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    return key or None
+
+
+def identify(policy: Policy, authorization: str | None) -> tuple[Tier, str]:
+    """The caller's tier and rate-limit bucket (a digest prefix of the key, never the key itself).
+
+    Raises :class:`AuthError` for a missing or unknown key.
+    """
+    key = bearer_key(authorization)
+    tier = policy.authenticate(key)
+    ident = hash_key(key).hex()[:16] if key else f"anonymous:{tier.name}"
+    return tier, ident
+
+
 def default_policy(gamma: float = DEFAULT_GAMMA) -> Policy:
     """No file: no auth, every request defended with PoE at ``gamma``."""
     return Policy(
@@ -208,6 +250,11 @@ def load_policy(path: str | Path | None) -> Policy:
     return Policy.model_validate(data)
 
 
+def policy_from_env() -> Policy:
+    """The policy named by ``$DISTILLGAME_POLICY``; unset gives :func:`default_policy`, as ``serve`` without ``--policy``."""
+    return load_policy(os.environ.get(POLICY_ENV) or None)
+
+
 class RateLimiter:
     """Requests per minute per caller, over a sliding 60 s window."""
 
@@ -228,6 +275,12 @@ class RateLimiter:
                 return False
             seen.append(now)
             return True
+
+    def admit(self, caller: str, limit: int | None) -> int | None:
+        """None if ``caller`` may go ahead, else whole seconds to wait (at least 1, for Retry-After)."""
+        if self.allow(caller, limit):
+            return None
+        return math.ceil(self.retry_after(caller)) or 1
 
     def retry_after(self, caller: str, now: float | None = None) -> float:
         """Seconds until ``caller``'s oldest request in the window leaves it (0 if none)."""

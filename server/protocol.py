@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 MAX_STOP = 16  # stop strings per request
+MAX_N = 16  # choices per request
 
 
 def _id(prefix: str) -> str:
@@ -37,7 +38,7 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # OpenAI allows 4; a few more are harmless, thousands would be checked against every new token.

@@ -1,0 +1,398 @@
+"""The policy as middleware on vLLM's own OpenAI server (``--middleware distillgame.server.gateway.DefensePolicy``).
+
+Two layers. First, the middleware in front of a stand-in app that records the
+body it receives (fast, no engine): what is refused, what the body becomes,
+and the engine check's 503s. Then one real ``python -m
+vllm.entrypoints.openai.api_server`` process on the tiny pair with the
+middleware, driven with the ``openai`` SDK: a PoE tier's logprobs are the
+float64 reference's, no caller field changes the defense, prompt logprobs are
+refused, unknown keys are 401, and every route of vLLM's app that is not on
+the allowlist answers 404 in OpenAI's shape.
+
+Not for: ``distillgame serve``'s own app (``test_server.py``, ``test_hardening.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from conftest_server import free_port
+from distillgame.server.gateway import ROUTES, DefensePolicy
+from distillgame.server.metrics import ServerMetrics
+from distillgame.server.policy import Policy, load_policy
+
+GAMMA = 0.65
+POLICY = """
+[tiers.standard]
+defense = { mode = "poe", gamma = 0.65 }
+max_top_logprobs = 5
+
+[tiers.open]
+defense = { mode = "none" }
+
+[tiers.capped]
+defense = { mode = "poe", gamma = 0.65 }
+max_tokens = 3
+allow_logprobs = false
+
+[tiers.limited]
+defense = { mode = "ads", lam = 0.1, eps = 0.05 }
+requests_per_minute = 1
+
+[[keys]]
+key = "sk-test-standard"
+tier = "standard"
+
+[[keys]]
+key = "sk-test-open"
+tier = "open"
+
+[[keys]]
+key = "sk-test-capped"
+tier = "capped"
+
+[[keys]]
+key = "sk-test-limited"
+tier = "limited"
+"""
+STANDARD = {"Authorization": "Bearer sk-test-standard"}
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def _policy(tmp_path: Path) -> Policy:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    return load_policy(path)
+
+
+class _Engine:
+    """Stands in for vLLM's EngineClient: its config and the workers' status answers."""
+
+    def __init__(self, logprobs_mode: str = "processed_logprobs", statuses: list[dict] | None = None) -> None:
+        self.vllm_config = type("C", (), {"model_config": type("M", (), {"logprobs_mode": logprobs_mode})()})()
+        self.statuses = statuses if statuses is not None else [
+            {"configured": True, "live": 1, "speculative": False, "async_scheduling": False}]
+        self.calls = 0
+
+    async def collective_rpc(self, method: str) -> list[dict]:
+        self.calls += 1
+        if method == "distillgame_fidelity":
+            return [{"poe": {"tokens": 0, "kl_sum": 0.0, "argmax_agree": 0}}]
+        return self.statuses
+
+
+def _stand_in(tmp_path: Path, engine: _Engine | None = None, **options: Any) -> tuple[TestClient, list[dict]]:
+    """The middleware in front of an app that echoes what reached it."""
+    seen: list[dict] = []
+
+    async def record(request: Request) -> JSONResponse:
+        body = await request.body()
+        seen.append(json.loads(body) if body else {})
+        return JSONResponse({"path": request.url.path})
+
+    app = Starlette(routes=[Route(path, record, methods=["GET", "POST"])
+                            for path in (*ROUTES, "/v1/responses", "/collective_rpc")])
+    app.state.engine_client = engine or _Engine()
+    app.add_middleware(DefensePolicy, policy=_policy(tmp_path), metrics=ServerMetrics(), **options)
+    return TestClient(app), seen
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    return body["error"]
+
+
+def test_the_tiers_defense_is_written_as_flat_vllm_xargs(tmp_path):
+    client, seen = _stand_in(tmp_path)
+    r = client.post("/v1/completions", headers=STANDARD, json={"prompt": "hi", "max_tokens": 2, "logprobs": 5})
+    assert r.status_code == 200, r.text
+    assert seen[-1] == {"prompt": "hi", "max_tokens": 2, "logprobs": 5,
+                        "vllm_xargs": {"distillgame_mode": "poe", "distillgame_gamma": GAMMA}}
+    client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test-open"},
+                json={"messages": [{"role": "user", "content": "hi"}]})
+    assert seen[-1]["vllm_xargs"] == {"distillgame_mode": "none"}
+    r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test-limited"},
+                    json={"messages": [{"role": "user", "content": "hi"}]})
+    assert seen[-1]["vllm_xargs"] == {"distillgame_mode": "ads", "distillgame_lam": 0.1, "distillgame_eps": 0.05}
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "vllm_xargs", {"distillgame_mode": "none"}),
+    ("/v1/completions", "extra_args", {"distillgame": {"mode": "none"}}),
+    ("/v1/completions", "distillgame", {"mode": "none"}),
+    ("/v1/completions", "logits_processors", ["x:Y"]),
+    ("/v1/completions", "logit_bias", {"5": 100}),
+    ("/v1/completions", "allowed_token_ids", [5]),
+    ("/v1/completions", "prompt_embeds", "AAAA"),
+    ("/v1/completions", "logprob_token_ids", [1, 2, 3]),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/chat/completions", "vllm_xargs", {"distillgame_mode": "none"}),
+    ("/v1/chat/completions", "kv_transfer_params", {}),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/chat/completions", "logprob_token_ids", [1]),
+])
+def test_engine_and_unlisted_fields_are_refused_by_name(tmp_path, path, field, value):
+    client, seen = _stand_in(tmp_path)
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    err = _error(client.post(path, headers=STANDARD, json={**body, field: value}), 400)
+    assert err["param"] == field and f"'{field}'" in err["message"]
+    assert seen == []
+
+
+@pytest.mark.parametrize("path, body, param, code", [
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 0}, "prompt_logprobs", "logprobs_refused"),
+    ("/v1/chat/completions", {"prompt_logprobs": 1}, "prompt_logprobs", "logprobs_refused"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 0}, "echo", "logprobs_refused"),
+    # vLLM's chat turns echo + top_logprobs into prompt logprobs even without logprobs=true.
+    ("/v1/chat/completions", {"echo": True, "top_logprobs": 1}, "echo", "logprobs_refused"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs", "invalid_parameter"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 6}, "logprobs", "invalid_parameter"),
+    # Strings and floats would be coerced by vLLM's models past the caps.
+    ("/v1/completions", {"prompt": "hi", "logprobs": "20"}, "logprobs", "invalid_parameter"),
+    ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs", "invalid_parameter"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5.0}, "max_tokens", "invalid_parameter"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, "n", "invalid_parameter"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 17}, "stop", "invalid_parameter"),
+])
+def test_leaky_or_uncapped_requests_are_400(tmp_path, path, body, param, code):
+    client, seen = _stand_in(tmp_path)
+    if path == "/v1/chat/completions":
+        body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    err = _error(client.post(path, headers=STANDARD, json=body), 400)
+    assert (err["param"], err["code"]) == (param, code), err
+    assert seen == []
+
+
+def test_tier_caps_max_tokens_and_logprobs(tmp_path):
+    client, seen = _stand_in(tmp_path)
+    capped = {"Authorization": "Bearer sk-test-capped"}
+    client.post("/v1/completions", headers=capped, json={"prompt": "hi", "max_tokens": 100})
+    assert seen[-1]["max_tokens"] == 3
+    client.post("/v1/completions", headers=capped, json={"prompt": "hi"})
+    assert seen[-1]["max_tokens"] == 3
+    client.post("/v1/chat/completions", headers=capped,
+                json={"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 50})
+    assert seen[-1]["max_completion_tokens"] == 3 and "max_tokens" not in seen[-1]
+    client.post("/v1/chat/completions", headers=capped, json={"messages": [{"role": "user", "content": "hi"}]})
+    assert seen[-1]["max_tokens"] == 3
+    err = _error(client.post("/v1/completions", headers=capped, json={"prompt": "hi", "logprobs": 1}), 400)
+    assert err["code"] == "logprobs_refused"
+
+
+def test_keys_rate_limits_and_body_limits_are_the_servers(tmp_path):
+    client, seen = _stand_in(tmp_path, max_body_bytes=1000)
+    assert _error(client.get("/v1/models"), 401)["message"] == "missing API key"
+    assert _error(client.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"}), 401)["type"] == \
+        "authentication_error"
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/defense", headers=STANDARD).json()["gamma"] == GAMMA
+    limited = {"Authorization": "Bearer sk-test-limited"}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", headers=limited, json=chat).status_code == 200
+    r = client.post("/v1/chat/completions", headers=limited, json=chat)
+    assert _error(r, 429)["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
+    assert _error(client.post("/v1/completions", headers=STANDARD, json={"prompt": "x" * 2000}), 413)
+    assert _error(client.post("/v1/completions", headers=STANDARD, content=b"{not json"), 400)
+    assert _error(client.post("/v1/completions", headers=STANDARD, json=[1, 2]), 400)
+    assert len(seen) == 2  # /health and the first limited request
+
+
+def test_unlisted_routes_and_methods_are_refused(tmp_path):
+    client, seen = _stand_in(tmp_path)
+    for path in ("/v1/responses", "/collective_rpc", "/openapi.json", "/v1/completions/", "/metrics/x"):
+        assert _error(client.post(path, headers=STANDARD, json={}), 404)["type"] == "not_found_error"
+    assert _error(client.get("/v1/completions", headers=STANDARD), 405)
+    assert seen == []
+
+
+@pytest.mark.parametrize("engine, reason", [
+    (_Engine(logprobs_mode="raw_logprobs"), "processed_logprobs"),
+    (_Engine(statuses=[{"configured": False, "live": 0, "speculative": False, "async_scheduling": False}]),
+     "no additional_config['distillgame'] section"),
+    (_Engine(statuses=[{"configured": True, "live": 0, "speculative": True, "async_scheduling": False}]),
+     "speculative decoding"),
+    (_Engine(statuses=[{"configured": True, "live": 1, "speculative": False, "async_scheduling": True}]),
+     "async scheduling"),
+])
+def test_an_engine_that_would_serve_undefended_gets_503_for_defended_tiers(tmp_path, engine, reason):
+    client, seen = _stand_in(tmp_path, engine=engine)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        err = _error(client.post("/v1/chat/completions", headers=STANDARD, json=chat), 503)
+        assert err["code"] == "defense_not_live" and reason in err["message"], err
+    # Asked once: the engine's settings do not change while it runs.
+    assert engine.calls <= 1
+    # The undefended tier is what it says it is, and is served.
+    assert client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test-open"},
+                       json=chat).status_code == 200
+    assert len(seen) == 1
+
+
+# ---- one real vLLM server with the middleware -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_pair, tmp_path_factory):
+    teacher, proxy = tiny_pair
+    work = tmp_path_factory.mktemp("vllm-serve")
+    (work / "policy.toml").write_text(POLICY)
+    port = free_port()
+    env = dict(
+        os.environ, DISTILLGAME_POLICY=str(work / "policy.toml"), VLLM_USE_V2_MODEL_RUNNER="0",
+        TOKENIZERS_PARALLELISM="false",
+        # vLLM's dev and RL routes exist only in this mode: the allowlist must refuse them too.
+        VLLM_SERVER_DEV_MODE="1",
+        # A fresh compile cache: inductor's shared one can hold kernels built for another CPU's ISA.
+        TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
+    )
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher),
+           "--served-model-name", "tiny-teacher", "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "256", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 << 20),
+           "--logprobs-mode", "processed_logprobs", "--no-async-scheduling",
+           "--additional-config", json.dumps({"distillgame": {"proxy": str(proxy)}}),
+           "--worker-extension-cls", "distillgame.plugins.processor.DefenseWorkerExtension",
+           "--middleware", "distillgame.server.gateway.DefensePolicy",
+           "--host", "127.0.0.1", "--port", str(port)]
+    log = open(work / "serve.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited {proc.returncode}:\n{(work / 'serve.log').read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError((work / "serve.log").read_text()[-4000:])
+            time.sleep(0.5)
+        yield base, teacher, proxy
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+
+
+def _sdk(base: str, key: str = "sk-test-standard") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _greedy_top_logprobs(client: openai.OpenAI, prompt_ids: list[int], max_tokens: int = 3, k: int = 5):
+    r = client.completions.create(model="tiny-teacher", prompt=prompt_ids, max_tokens=max_tokens, temperature=0.0,
+                                  logprobs=k, extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = [int(t.split(":", 1)[1]) for t in lp.tokens]
+    tops = [{int(t.split(":", 1)[1]): v for t, v in top.items()} for top in lp.top_logprobs]
+    return ids, tops
+
+
+def test_vllm_serve_poe_tier_releases_the_defended_distribution(vllm_server):
+    import torch
+    from transformers import AutoTokenizer
+
+    from distillgame.plugins.reference import ReferenceModels
+
+    base, teacher, proxy = vllm_server
+    torch.set_num_threads(1)
+    reference = ReferenceModels(teacher, proxy)
+    prompt = AutoTokenizer.from_pretrained(str(teacher))("Natalia sold clips to", add_special_tokens=False)["input_ids"]
+    ids, tops = _greedy_top_logprobs(_sdk(base), prompt, max_tokens=4)
+    assert len(ids) == 4 and all(len(t) >= 5 for t in tops)
+    worst, min_gap_teacher = 0.0, float("inf")
+    for pos, top in enumerate(tops):
+        prefix = prompt + ids[:pos]
+        defended = reference.next_token_logprobs(prefix, {"mode": "poe", "gamma": GAMMA})
+        undefended = reference.next_token_logprobs(prefix, {"mode": "none"})
+        assert ids[pos] == int(defended.argmax())
+        worst = max(worst, max(abs(v - defended[t].item()) for t, v in top.items()))
+        min_gap_teacher = min(min_gap_teacher, max(abs(v - undefended[t].item()) for t, v in top.items()))
+    assert worst < 1e-4, worst
+    assert min_gap_teacher > 1e-2, min_gap_teacher
+    # The open tier (mode none) is the teacher itself, through the same server.
+    _, open_tops = _greedy_top_logprobs(_sdk(base, "sk-test-open"), prompt, max_tokens=1)
+    undefended = reference.next_token_logprobs(prompt, {"mode": "none"})
+    assert max(abs(v - undefended[t].item()) for t, v in open_tops[0].items()) < 1e-4
+
+
+def test_vllm_serve_caller_fields_cannot_change_the_defense(vllm_server):
+    base, _, _ = vllm_server
+    client = _sdk(base)
+    for extra in ({"vllm_xargs": {"distillgame_mode": "none"}}, {"vllm_xargs": {"distillgame_gamma": 0.0}},
+                  {"extra_args": {"distillgame": {"mode": "none"}}}, {"logits_processors": ["a:B"]},
+                  {"distillgame_mode": "none"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny-teacher", prompt="hi", max_tokens=1, extra_body=extra)
+        assert err.value.body["param"] in extra, err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-teacher", prompt="hi", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    assert err.value.body["code"] == "logprobs_refused"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-teacher", prompt="hi", max_tokens=1, echo=True, logprobs=1)
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(base, "sk-wrong").completions.create(model="tiny-teacher", prompt="hi", max_tokens=1)
+    # The capped tier is truncated, not refused; chat works through vLLM's own handler.
+    r = _sdk(base, "sk-test-capped").chat.completions.create(
+        model="tiny-teacher", messages=[{"role": "user", "content": "Natalia sold"}], max_tokens=50)
+    assert r.usage.completion_tokens <= 3
+
+
+def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server):
+    """Every route of vLLM's app (built in-process with the server's own flags) is refused unless allowlisted."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    base, teacher, _ = vllm_server
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    try:
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
+        app = build_app(args, ("generate",))
+    finally:
+        os.environ.pop("VLLM_SERVER_DEV_MODE", None)
+    routes: set[tuple[str, str]] = set()
+    for route in app.routes:
+        path = re.sub(r"\{[^}]+\}", "x", getattr(route, "path", ""))
+        for method in getattr(route, "methods", None) or {"GET", "POST"}:
+            if method != "HEAD":
+                routes.add((path, method))
+    assert {("/v1/chat/completions", "POST"), ("/collective_rpc", "POST"), ("/v1/responses", "POST"),
+            ("/inference/v1/generate", "POST"), ("/pause", "POST")} <= routes, sorted(routes)
+    refused = 0
+    with httpx.Client(base_url=base, headers=STANDARD, timeout=30) as http:
+        for path, method in sorted(routes):
+            if method in ROUTES.get(path, ()):
+                continue
+            r = http.request(method, path, json={})
+            expected = 404 if path not in ROUTES else 405
+            _error(r, expected)
+            refused += 1
+        assert refused >= 50, refused
+        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-teacher"
+        assert http.post("/tokenize", json={"model": "tiny-teacher", "prompt": "hi"}).status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+    assert "distillgame_requests_total" in metrics and "vllm:" in metrics
