@@ -199,7 +199,8 @@ class DefensePolicy:
             await exc.send(send)
             return
         raw = json.dumps(body).encode()
-        headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-length"]
+        # The body is now whole and re-encoded: its framing headers describe the old one.
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k not in (b"content-length", b"transfer-encoding")]
         headers.append((b"content-length", str(len(raw)).encode()))
         inner = {k: v for k, v in scope.items() if k != "distillgame"}
         inner["headers"] = headers
