@@ -138,6 +138,12 @@ def evaluate(
         from vllm import LLM
 
         llm = LLM(**_engine_kwargs(model, max_model_len, memory_share, defense, dtype, **engine_opts))
+        if defense is not None:
+            from distillgame.engine import verify_defense_live
+            from distillgame.plugins.processor import status_rpc
+
+            # A defended evaluation must measure the defense, not the bare teacher.
+            verify_defense_live(llm.collective_rpc(status_rpc))
     texts = generate(llm, problems, task, max_tokens=max_tokens, chat=chat, defense=defense)
     rows = score_completions(problems, texts)
     summary = write_results(
