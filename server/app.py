@@ -234,6 +234,10 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         tokenizer = gen.tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            # transformers raises a ValueError deep in the handler; the caller's mistake is the endpoint.
+            raise APIError(400, f"model {state.model_name!r} has no chat template; send a prompt to "
+                                "/v1/completions instead", param="messages", code="chat_template_missing")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         max_tokens = body.max_completion_tokens or body.max_tokens

@@ -22,12 +22,33 @@ import uvicorn
 
 logger = logging.getLogger(__name__)
 
+# The default context is what the models support, capped here: the proxy's KV
+# cache is allocated per request slot up front (--max-num-seqs x this many
+# positions), so a model with 8k positions would otherwise take 4x the memory.
+MAX_MODEL_LEN_CAP = 2048
+
 # uvicorn closes idle keep-alive connections after 5 s by default. A client
 # that pooled the connection can then send its next request on a socket the
 # server is closing ("Server disconnected without sending a response"). The
 # server must outlast its clients' idle time, as production proxies do
 # (nginx 75 s, cloud load balancers 60 s in front of it).
 KEEP_ALIVE_S = 75.0
+
+
+def model_positions(model: str) -> int | None:
+    """``max_position_embeddings`` of a model folder or hub id (None if its config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    config = getattr(config, "get_text_config", lambda: config)()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def default_max_model_len(teacher: str, proxy: str, cap: int = MAX_MODEL_LEN_CAP) -> int:
+    """The longest context both models support, at most ``cap``."""
+    limits = [n for n in (model_positions(teacher), model_positions(proxy)) if n]
+    return min([cap, *limits])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,12 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
     p.add_argument("--gamma", type=float, default=None,
-                   help="PoE weight for the no-policy default (default 0.65, the paper's setting); "
-                        "ignored with --policy")
+                   help="PoE weight for the no-policy default (default: the embedded pair's gamma calibrated "
+                        "to 0.25 nats/token; see docs/serving.md); ignored with --policy")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: teacher folder name)")
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"longest prompt + completion in tokens (default: the positions both teacher and proxy "
+                        f"support, at most {MAX_MODEL_LEN_CAP})")
     p.add_argument("--max-num-seqs", type=int, default=32, help="max concurrent sequences in the engine")
     p.add_argument("--dtype", default="auto", help="teacher dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--memory-share", type=float, default=0.3,
@@ -71,22 +94,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from distillgame import models
     from distillgame.engine import EngineConfig
     from distillgame.server.app import ServerState, create_app
     from distillgame.server.metrics import ServerMetrics
-    from distillgame.server.policy import DEFAULT_GAMMA, default_policy, load_policy
+    from distillgame.server.policy import DEFAULT_GAMMA, DEFAULT_KL_BUDGET, default_policy, load_policy
     from distillgame.server.supervisor import EngineOptions, EngineSupervisor
 
     if args.policy is None:
-        policy = default_policy(DEFAULT_GAMMA if args.gamma is None else args.gamma)
+        embedded = args.teacher in (None, "", "default") and args.proxy in (None, "", "default")
+        if args.gamma is None and not embedded:
+            logger.warning("gamma %g is calibrated for the embedded pair, not for this one; run "
+                           "`distillgame bench calibrate` and pass --gamma or a --policy", DEFAULT_GAMMA)
+        # The budget is shown only where it was measured: the default gamma on the embedded pair.
+        budget = DEFAULT_KL_BUDGET if args.gamma is None and embedded else None
+        policy = default_policy(DEFAULT_GAMMA if args.gamma is None else args.gamma, kl_budget=budget)
     else:
         policy = load_policy(args.policy)
     if args.ads_grad is None and any(t.defense.mode == "ads" for t in policy.tiers.values()):
         # Otherwise the first ADS request would fail inside the engine and take it down.
         logger.error("the policy has an ADS tier but no --ads-grad was given")
         return 2
+    teacher, proxy = models.resolve(args.teacher, "teacher"), models.resolve(args.proxy, "proxy")
+    if args.max_model_len is None:
+        args.max_model_len = default_max_model_len(teacher, proxy)
+        logger.info("max_model_len %d (what the teacher and proxy support, at most %d; --max-model-len sets it)",
+                    args.max_model_len, MAX_MODEL_LEN_CAP)
     config = EngineConfig(
-        teacher=args.teacher, proxy=args.proxy, ads_grad=args.ads_grad, dtype=args.dtype,
+        teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file,
         extra_defense={"ads_method": args.ads_method,
