@@ -361,19 +361,27 @@ def test_vllm_serve_caller_fields_cannot_change_the_defense(vllm_server):
     assert r.usage.completion_tokens <= 3
 
 
-def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server):
+def test_vllm_serve_grammar_masks_survive_the_mix(vllm_server):
+    """A JSON-schema response under PoE: vLLM's grammar mask reaches the teacher logits before the mix."""
+    base, _, _ = vllm_server
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    for seed in range(3):
+        r = _sdk(base).chat.completions.create(
+            model="tiny-teacher", messages=[{"role": "user", "content": "Natalia sold clips?"}], max_tokens=8,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        assert json.loads(r.choices[0].message.content) in ("yes", "no"), r.choices[0].message.content
+
+
+def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server, monkeypatch):
     """Every route of vLLM's app (built in-process with the server's own flags) is refused unless allowlisted."""
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     base, teacher, _ = vllm_server
-    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
-    try:
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
-        app = build_app(args, ("generate",))
-    finally:
-        os.environ.pop("VLLM_SERVER_DEV_MODE", None)
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
+    app = build_app(args, ("generate",))
     routes: set[tuple[str, str]] = set()
     for route in app.routes:
         path = re.sub(r"\{[^}]+\}", "x", getattr(route, "path", ""))
