@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "distillgame.clients.cli",  # attack
     "distillgame.bench.cli",  # bench
     "distillgame.check",  # check --gpu
+    "distillgame.compare",  # compare
 )
 
 
