@@ -404,3 +404,61 @@ def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server, monkeypat
         assert http.post("/tokenize", json={"model": "tiny-teacher", "prompt": "hi"}).status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
     assert "distillgame_requests_total" in metrics and "vllm:" in metrics
+
+
+SCHEMATHESIS_CASES = 1000
+
+
+# About 3.5 minutes on two busy cores, mostly generating cases from vLLM's large request schemas.
+@pytest.mark.slow
+def test_vllm_serve_schemathesis_on_the_allowed_routes(vllm_server):
+    """>= 1000 requests generated from vLLM's own schema of the allowed routes: no 5xx, errors in OpenAI's shape."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    base, teacher, _ = vllm_server
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
+    spec = build_app(args, ("generate",)).openapi()
+    spec["paths"] = {path: ops for path, ops in spec["paths"].items() if path in ROUTES and path != "/metrics"}
+    operations = [op.ok() for op in schemathesis.openapi.from_dict(spec).get_all_operations()]
+    generating = [op for op in operations if op.method.upper() == "POST"]
+    assert {"POST /v1/completions", "POST /v1/chat/completions"} <= {op.label for op in generating}
+    per_post = SCHEMATHESIS_CASES // len(generating) + 1
+    counts: dict[str, dict[str, int]] = {}
+    failures: list[str] = []
+
+    def check(op, case) -> None:
+        tally = counts.setdefault(op.label, {})
+        # The capped tier (3 tokens, no logprobs) keeps every generated request cheap.
+        r = case.call(base_url=base, headers={"Authorization": "Bearer sk-test-capped"}, timeout=120)
+        cls = f"{r.status_code // 100}xx"
+        tally[cls] = tally.get(cls, 0) + 1
+        if r.status_code >= 500:
+            failures.append(f"{op.label} -> {r.status_code}: {case.body!r:.300} {r.text[:300]}")
+        elif r.status_code >= 400:
+            try:
+                body = r.json()
+                assert set(body) == {"error"} and {"message", "type"} <= set(body["error"]), body
+            except (AssertionError, ValueError) as exc:
+                failures.append(f"{op.label} -> {r.status_code} not in OpenAI's shape: {exc} {r.text[:200]}")
+
+    def runner(op, n: int):
+        @given(case=op.as_strategy())
+        @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        def run(case) -> None:
+            check(op, case)
+
+        return run
+
+    for op in operations:
+        runner(op, per_post if op in generating else 10)()
+    total = sum(sum(t.values()) for t in counts.values())
+    summary = json.dumps({"total": total, "by_operation": counts}, sort_keys=True)
+    print(f"\nschemathesis on vllm serve: {summary}")
+    assert not failures, "\n".join(failures[:20])
+    assert total >= SCHEMATHESIS_CASES, summary
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
