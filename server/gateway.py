@@ -189,6 +189,8 @@ class DefensePolicy:
             body = (_check_chat if endpoint == "chat" else _check_completion)(body, tier)
             if tier.defended:
                 refusal = await self._engine_check(scope)
+                if refusal is None and tier.defense.mode == "ads":
+                    refusal = ads_refusal(scope["app"].state.engine_client)
                 if refusal is not None:
                     raise GatewayError(503, f"the defense is not live on this engine, so defended tiers are not "
                                        f"served: {refusal}", type="service_unavailable", code="defense_not_live")
@@ -309,6 +311,21 @@ async def engine_refusal(engine: Any) -> str | None:
         return str(exc)
     if any(status.get("async_scheduling") for status in statuses):
         return "async scheduling is on; start the engine with --no-async-scheduling"
+    return None
+
+
+def ads_refusal(engine: Any) -> str | None:
+    """Why ``engine`` cannot serve ADS, or None.
+
+    Without a gradient the processor fails the step of any ADS request, and a
+    failed step ends vLLM's engine, so one caller of an ADS tier would stop the
+    server; ``distillgame serve`` refuses such a policy at start instead.
+    """
+    extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None) or {}
+    section = extra.get("distillgame") if isinstance(extra, dict) else None
+    if not isinstance(section, dict) or not section.get("ads_grad"):
+        return ("the engine has no ADS gradient (additional_config['distillgame']['ads_grad']), so ADS tiers "
+                "are not served")
     return None
 
 

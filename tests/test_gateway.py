@@ -84,8 +84,11 @@ def _policy(tmp_path: Path) -> Policy:
 class _Engine:
     """Stands in for vLLM's EngineClient: its config and the workers' status answers."""
 
-    def __init__(self, logprobs_mode: str = "processed_logprobs", statuses: list[dict] | None = None) -> None:
-        self.vllm_config = type("C", (), {"model_config": type("M", (), {"logprobs_mode": logprobs_mode})()})()
+    def __init__(self, logprobs_mode: str = "processed_logprobs", statuses: list[dict] | None = None,
+                 ads_grad: str | None = "grad.safetensors") -> None:
+        model_config = type("M", (), {"logprobs_mode": logprobs_mode})()
+        section = {"proxy": "proxy", **({"ads_grad": ads_grad} if ads_grad else {})}
+        self.vllm_config = type("C", (), {"model_config": model_config, "additional_config": {"distillgame": section}})()
         self.statuses = statuses if statuses is not None else [
             {"configured": True, "live": 1, "speculative": False, "async_scheduling": False}]
         self.calls = 0
@@ -243,6 +246,15 @@ def test_an_engine_that_would_serve_undefended_gets_503_for_defended_tiers(tmp_p
     # The undefended tier is what it says it is, and is served.
     assert client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test-open"},
                        json=chat).status_code == 200
+    assert len(seen) == 1
+
+
+def test_ads_tiers_get_503_on_an_engine_without_an_ads_gradient(tmp_path):
+    client, seen = _stand_in(tmp_path, engine=_Engine(ads_grad=None))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    err = _error(client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test-limited"}, json=chat), 503)
+    assert "ADS gradient" in err["message"]
+    assert client.post("/v1/chat/completions", headers=STANDARD, json=chat).status_code == 200
     assert len(seen) == 1
 
 
