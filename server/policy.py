@@ -40,11 +40,13 @@ from distillgame.plugins.mixing import Defense, flat_defense_args, parse_defense
 # is weaker or stronger than the paper's. docs/serving.md says more.
 DEFAULT_KL_BUDGET = 0.25
 # PoE weight on the proxy (eq. 5) that spends DEFAULT_KL_BUDGET on the embedded
-# pair (SmolLM2-135M-Instruct and its 10-layer lens proxy), from
-# `distillgame bench calibrate --mode poe --target-kl 0.25` (bench/results/calibrate_poe.json).
-# Not the paper's 0.65: on this pair 0.65 spends several nats per token and
-# releases noise. Another pair needs its own calibration.
-DEFAULT_GAMMA = 0.65
+# pair (SmolLM2-135M-Instruct and its 10-layer lens proxy): on the teacher's own
+# GSM-Symbolic answers KL grows as about 2.9 * gamma^2 there (0.116 at 0.2, 0.266
+# at 0.3; bench/results/embedded_proxy/), which puts 0.25 at gamma 0.29.
+# Not the paper's 0.65: on this pair 0.65 spends 1.2 nats/token (4.6 with the
+# old 10-layer cut, whose releases were noise). Another pair needs its own
+# calibration (`distillgame bench calibrate`).
+DEFAULT_GAMMA = 0.29
 DEFAULT_TIER = "default"
 # Where the policy file's path comes from when the policy runs as middleware in
 # vLLM's own server (``vllm serve --middleware``), which passes no arguments.

@@ -9,7 +9,15 @@ import pytest
 from pydantic import ValidationError
 
 from distillgame.server.metrics import ServerMetrics
-from distillgame.server.policy import AuthError, Policy, RateLimiter, default_policy, load_policy
+from distillgame.server.policy import (
+    DEFAULT_GAMMA,
+    DEFAULT_KL_BUDGET,
+    AuthError,
+    Policy,
+    RateLimiter,
+    default_policy,
+    load_policy,
+)
 from distillgame.server.protocol import ChatCompletionRequest, CompletionRequest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "server" / "policy.example.toml"
@@ -18,7 +26,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "server" / "policy.example.toml"
 def test_default_policy_needs_no_key_and_defends_with_poe():
     policy = default_policy()
     tier = policy.authenticate(None)
-    assert tier.defense.extra_args() == {"distillgame": {"mode": "poe", "gamma": 0.65}}
+    assert tier.defense.extra_args() == {"distillgame": {"mode": "poe", "gamma": DEFAULT_GAMMA}}
+    assert tier.public()["kl_budget"] == DEFAULT_KL_BUDGET
     # SDKs always send some key; with no keys configured it is ignored, not a 401.
     assert policy.authenticate("none") is tier
 
@@ -39,7 +48,9 @@ def test_example_policy_maps_plain_and_hashed_keys_to_tiers():
     policy = load_policy(EXAMPLE)
     assert policy.requires_key
     assert policy.authenticate("test").name == "free"  # stored as a sha256 digest
-    assert policy.authenticate("sk-standard-example").defense.public() == {"mode": "poe", "gamma": 0.65}
+    standard = policy.authenticate("sk-standard-example")
+    assert standard.defense.public() == {"mode": "poe", "gamma": DEFAULT_GAMMA}
+    assert standard.public()["kl_budget"] == DEFAULT_KL_BUDGET  # the example's standard tier is the calibrated default
     with pytest.raises(AuthError):
         policy.authenticate(None)
     with pytest.raises(AuthError):
