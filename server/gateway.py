@@ -40,6 +40,7 @@ from distillgame.server.limits import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     BodyLimitMiddleware,
+    ErrorShieldMiddleware,
     Message,
     Receive,
     Scope,
@@ -126,6 +127,8 @@ class DefensePolicy:
         # Bodies are read (and refused when too big or too slow) before anything parses them.
         self._generation = BodyLimitMiddleware(self._generate, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
         self._other = BodyLimitMiddleware(self.app, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+        # An unexpected exception here or below is a 500 in OpenAI's shape, its text (which can quote the prompt) unlogged.
+        self._shielded = ErrorShieldMiddleware(self._dispatch)
         self._engine_ok = False
         self._engine_refusal: str | None = None
         self._engine_lock = asyncio.Lock()
@@ -142,6 +145,9 @@ class DefensePolicy:
             return
         if scope["type"] != "http":
             return
+        await self._shielded(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope.get("path", ""), scope.get("method", "")
         try:
             methods = ROUTES.get(path)

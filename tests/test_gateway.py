@@ -258,6 +258,17 @@ def test_ads_tiers_get_503_on_an_engine_without_an_ads_gradient(tmp_path):
     assert len(seen) == 1
 
 
+def test_an_exception_below_is_a_500_in_openai_shape_without_its_text_in_the_log(tmp_path, caplog):
+    async def boom(request: Request) -> JSONResponse:
+        raise RuntimeError("zebra-quokka secret prompt")
+
+    app = Starlette(routes=[Route("/v1/models", boom)])
+    app.add_middleware(DefensePolicy, policy=_policy(tmp_path), metrics=ServerMetrics())
+    err = _error(TestClient(app).get("/v1/models", headers=STANDARD), 500)
+    assert err["type"] == "server_error" and "zebra" not in err["message"]
+    assert "zebra" not in caplog.text
+
+
 # ---- one real vLLM server with the middleware -------------------------------------------------
 
 
