@@ -14,6 +14,7 @@ Not for: ``distillgame serve``'s own app (``test_server.py``, ``test_hardening.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import openai
@@ -272,10 +273,13 @@ def test_an_exception_below_is_a_500_in_openai_shape_without_its_text_in_the_log
 # ---- one real vLLM server with the middleware -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_pair, tmp_path_factory):
-    teacher, proxy = tiny_pair
-    work = tmp_path_factory.mktemp("vllm-serve")
+@contextlib.contextmanager
+def _running_vllm(teacher: Path, proxy: Path, work: Path, defended: bool = True) -> Iterator[str]:
+    """``python -m vllm.entrypoints.openai.api_server`` with the policy middleware; yields its base URL.
+
+    ``defended=False`` leaves out the processor's config (as the old plain
+    ``vllm serve`` recipe did) but keeps the worker extension and processed logprobs.
+    """
     (work / "policy.toml").write_text(POLICY)
     port = free_port()
     env = dict(
@@ -286,11 +290,11 @@ def vllm_server(tiny_pair, tmp_path_factory):
         # A fresh compile cache: inductor's shared one can hold kernels built for another CPU's ISA.
         TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
     )
+    defense = ["--additional-config", json.dumps({"distillgame": {"proxy": str(proxy)}})] if defended else []
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher),
            "--served-model-name", "tiny-teacher", "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "256", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 << 20),
-           "--logprobs-mode", "processed_logprobs", "--no-async-scheduling",
-           "--additional-config", json.dumps({"distillgame": {"proxy": str(proxy)}}),
+           "--logprobs-mode", "processed_logprobs", "--no-async-scheduling", *defense,
            "--worker-extension-cls", "distillgame.plugins.processor.DefenseWorkerExtension",
            "--middleware", "distillgame.server.gateway.DefensePolicy",
            "--host", "127.0.0.1", "--port", str(port)]
@@ -310,7 +314,7 @@ def vllm_server(tiny_pair, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise TimeoutError((work / "serve.log").read_text()[-4000:])
             time.sleep(0.5)
-        yield base, teacher, proxy
+        yield base
     finally:
         proc.terminate()
         try:
@@ -319,6 +323,13 @@ def vllm_server(tiny_pair, tmp_path_factory):
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_pair, tmp_path_factory):
+    teacher, proxy = tiny_pair
+    with _running_vllm(teacher, proxy, tmp_path_factory.mktemp("vllm-serve")) as base:
+        yield base, teacher, proxy
 
 
 def _sdk(base: str, key: str = "sk-test-standard") -> openai.OpenAI:
@@ -485,3 +496,17 @@ def test_vllm_serve_schemathesis_on_the_allowed_routes(vllm_server):
     assert not failures, "\n".join(failures[:20])
     assert total >= SCHEMATHESIS_CASES, summary
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_vllm_serve_without_the_defense_config_refuses_defended_tiers(tiny_pair, tmp_path):
+    """Today's failure mode, `vllm serve` with no `distillgame` section, now answers 503 instead of the teacher."""
+    teacher, proxy = tiny_pair
+    with _running_vllm(teacher, proxy, tmp_path, defended=False) as base:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as err:
+                _sdk(base).completions.create(model="tiny-teacher", prompt="hi", max_tokens=1)
+            assert err.value.status_code == 503
+            assert "no additional_config['distillgame'] section" in err.value.body["message"], err.value.body
+        r = _sdk(base, "sk-test-open").completions.create(model="tiny-teacher", prompt="hi", max_tokens=1)
+        assert r.usage.completion_tokens == 1
