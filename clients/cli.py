@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help='teacher settings, e.g. "none;poe:gamma=0.65;ads:lam=0.05,eps=1e-4"')
     t.add_argument("--attackers", default=None,
                    help="comma-separated attackers (default: passive,adaptive-minibatch,adaptive-released,"
-                        "filter-correct,filter-degenerate; passive is always run)")
+                        "filter-correct,filter-degenerate; also: adaptive-released-neg; passive is always run)")
     t.add_argument("--placebo", action="store_true", help="also the placebo control (shuffled minibatch values)")
     t.add_argument("--beta", type=float, default=None, help="released protocol: w = exp(beta clip(a)) / mean")
     t.add_argument("--fd-eps", type=float, default=None, help="released protocol: central-difference step")

@@ -119,6 +119,11 @@ def test_attacker_columns_strongest_and_the_better_adaptive_protocol():
 
     assert parse_attackers("filter-correct,adaptive-released") == ["passive", "adaptive-released", "filter-correct"]
     assert parse_attackers([], placebo=True) == ["passive", "placebo"]
+    assert parse_attackers("adaptive-released-neg") == ["passive", "adaptive-released-neg"]
+    from distillgame.clients.attack.table import DEFAULT_ATTACKERS
+
+    assert DEFAULT_ATTACKERS == ["passive", "adaptive-minibatch", "adaptive-released", "filter-correct",
+                                 "filter-degenerate"]
     with pytest.raises(ValueError):
         parse_attackers("passive,teacher")
 

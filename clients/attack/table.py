@@ -60,13 +60,17 @@ ATTACKERS: dict[str, dict[str, Any]] = {
     "passive": dict(mode="passive"),
     "adaptive-minibatch": dict(mode="adaptive", weighting="minibatch"),
     "adaptive-released": dict(mode="adaptive", weighting="released"),
+    # Not in the defaults: the released protocol with the value negated (weights grow with
+    # eq. 3's v). On the zoo's undefended traces it came closest to passive of the released
+    # variants (bench/results/adaptive_controls.md); ask for it with --attackers.
+    "adaptive-released-neg": dict(mode="adaptive", weighting="released", value_sign=-1),
     "filter-correct": dict(mode="passive", filters=["correct"]),
     "filter-degenerate": dict(mode="passive", filters=["degenerate"]),
     "placebo": dict(mode="adaptive", weighting="minibatch", placebo=True),
 }
-ADAPTIVE = ("adaptive-minibatch", "adaptive-released")
+ADAPTIVE = ("adaptive-minibatch", "adaptive-released", "adaptive-released-neg")
 CONTROLS = ("placebo",)
-DEFAULT_ATTACKERS = [a for a in ATTACKERS if a not in CONTROLS]
+DEFAULT_ATTACKERS = [a for a in ATTACKERS if a not in CONTROLS and a != "adaptive-released-neg"]
 
 
 def parse_attackers(spec: str | list[str], placebo: bool = False) -> list[str]:
