@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from distillgame import models
+
 logger = logging.getLogger(__name__)
 
 
@@ -12,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="print one defended completion from a local engine")
     gen.add_argument("prompt")
     gen.add_argument("--defense", choices=["none", "poe", "ads"], default="poe")
-    gen.add_argument("--gamma", type=float, default=0.65, help="PoE weight on the proxy (eq. 5)")
+    gen.add_argument("--gamma", type=float, default=models.DEFAULT_GAMMA,
+                     help="PoE weight on the proxy (eq. 5); default: the embedded pair's, calibrated to "
+                          f"{models.DEFAULT_KL_BUDGET} nats/token")
     gen.add_argument("--lam", type=float, default=0.05, help="ADS tilt strength")
     gen.add_argument("--eps", type=float, default=1e-4, help="ADS finite-difference step")
     gen.add_argument("--teacher", default=None, help="model folder or HF id (default: embedded SmolLM2)")

@@ -30,23 +30,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The embedded pair's calibrated default tier lives with the pair (distillgame.models).
+from distillgame.models import DEFAULT_GAMMA, DEFAULT_KL_BUDGET  # noqa: F401 (re-exported)
 from distillgame.plugins.mixing import Defense, flat_defense_args, parse_defense
 
-# The fidelity budget of the no-policy default, in nats per released token:
-# mean KL(released || teacher) (eq. 1's epsilon_budget). 0.25 is where PoE on the
-# zoo pair lands at gamma 0.62, next to the paper's 0.65, and there it cost the
-# zoo teacher 11 points of accuracy (81.4% -> 70.0%, Table 1): the paper's
-# operating point, stated as a budget, so it carries over to a pair whose proxy
-# is weaker or stronger than the paper's. docs/serving.md says more.
-DEFAULT_KL_BUDGET = 0.25
-# PoE weight on the proxy (eq. 5) that spends DEFAULT_KL_BUDGET on the embedded
-# pair (SmolLM2-135M-Instruct and its 10-layer lens proxy): on the teacher's own
-# GSM-Symbolic answers KL grows as about 2.9 * gamma^2 there (0.116 at 0.2, 0.266
-# at 0.3; bench/results/embedded_proxy/), which puts 0.25 at gamma 0.29.
-# Not the paper's 0.65: on this pair 0.65 spends 1.2 nats/token (4.6 with the
-# old 10-layer cut, whose releases were noise). Another pair needs its own
-# calibration (`distillgame bench calibrate`).
-DEFAULT_GAMMA = 0.29
 DEFAULT_TIER = "default"
 # Where the policy file's path comes from when the policy runs as middleware in
 # vLLM's own server (``vllm serve --middleware``), which passes no arguments.
