@@ -57,7 +57,7 @@ WHAT = {
     "passive": "uniform",
     "released": "exp(beta clip(a)), a = -dNLL_i along g at theta_0, fixed",
     "released-neg": "the same with a negated",
-    "released-kl": "released, beta set for KL(w || uniform) = 0.1 over the set",
+    "released-kl": "released, beta set for KL(w ‖ uniform) = 0.1 over the set",
     "placebo": "the released weights shuffled over the set",
     "minibatch": "exp(eta v) per minibatch, v from eq. 3, KL rho",
     "minibatch-neg": "the same with v negated",
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=None, help="released protocol's beta (default 0.5)")
     p.add_argument("--serve-dtype", default=None, help="teacher dtype for the collection server (e.g. float32)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the table's, 20 for the zoo)")
     p.add_argument("--value-dtype", default="float64", help="released protocol: dtype of the perturbed copies")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"{tag}-beta{args.beta:g}".strip("-")
     if args.workers:
         cfg.workers = args.workers
+    if args.epochs is not None and args.epochs != cfg.epochs:
+        cfg.epochs = args.epochs
+        tag = f"{tag}-epochs{args.epochs:g}".strip("-")
     if args.serve_dtype:
         cfg.serve_args = [*cfg.serve_args, "--dtype", args.serve_dtype]
     cfg.work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +194,8 @@ def report(args: argparse.Namespace, argv: list[str] | None, cfg: TableConfig, n
     lines = [f"# Adaptive-student controls (undefended zoo traces, student: {args.student})", "",
              f"Command: `{command}`", "",
              f"Same traces, data order, seed and steps; only the weights differ. {cfg.n_train} traces "
-             f"({traces['accuracy']:.1%} correct), {cfg.n_test} test problems, seeds: {args.seeds}; "
+             f"({traces['accuracy']:.1%} correct), {cfg.epochs:g} epochs at lr {cfg.lr:g}, LoRA rank {cfg.rank}, "
+             f"{cfg.n_test} test problems, seeds: {args.seeds}; "
              f"released: beta {cfg.beta}, eps {cfg.fd_eps}, clip {cfg.clip}, L_val on {cfg.n_val_traces} undefended "
              f"validation traces; minibatch: rho {cfg.rho}.", "",
              "| student | weights | test accuracy (per seed) | mean ± s.e. | ESS / N | mean w (right / wrong traces) |",
@@ -204,7 +209,9 @@ def report(args: argparse.Namespace, argv: list[str] | None, cfg: TableConfig, n
             ess, split = f"{r['minibatch_ess_mean'][0] / B:.2f} (per batch)", "n/a"
         else:
             ess, split = "1.00", "1.00 / 1.00"
-        sem = f" ± {r['sem']:.1%}" if r["n"] > 1 else ""
+        # One seed: the test split's binomial s.e. (the seed-to-seed spread is not measured).
+        sem = (f" ± {r['sem']:.1%}" if r["n"] > 1
+               else f" ± {math.sqrt(r['mean'] * (1 - r['mean']) / cfg.n_test):.1%} (binomial)")
         lines.append(f"| {n} | {WHAT[n]} | {', '.join(f'{a:.1%}' for a in r['runs'])} | {r['mean']:.1%}{sem} | "
                      f"{ess} | {split} |")
     lines += ["", "ESS / N: effective sample size (sum w)^2 / sum w^2 over the training set (minibatch: per batch "
