@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from distillgame import models
 from distillgame.plugins.mixing import ads_tilt_derivative, kl_and_agreement, poe_mix
 
 logger = logging.getLogger(__name__)
@@ -185,23 +186,17 @@ def sample_traces(ref: Any, tokenizer: Any, prompts: list[list[int]], tokens: in
     out: list[tuple[list[int], int]] = []
     for a in tqdm(range(0, len(prompts), batch), desc="sample traces", unit="batch", disable=len(prompts) <= batch):
         chunk = prompts[a: a + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding: one batched generate
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = models.left_padded(chunk, pad)
         with torch.no_grad():
             gen = ref.teacher.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                        top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
-        out += [(list(p) + gen[i, width:].tolist(), len(p)) for i, p in enumerate(chunk)]
+        out += [(list(p) + gen[i, ids.shape[1]:].tolist(), len(p)) for i, p in enumerate(chunk)]
     return out
 
 
 def run_calibrate(args: Any, command: str = "") -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from distillgame import models
     from distillgame.plugins.ads_grad import load_gradient
     from distillgame.plugins.reference import ReferenceModels, load_causal_lm
     from distillgame.tasks import build_chat_messages, build_prompt, load_problems

@@ -101,6 +101,19 @@ DEFAULT_KL_BUDGET = 0.25
 DEFAULT_GAMMA = 0.29
 
 
+def left_padded(prompts: list[list[int]], pad: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Token ids and attention mask for one batched ``generate``, prompts padded on the left."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def cache_dir() -> Path:
     root = os.environ.get("DISTILLGAME_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "distillgame"
@@ -245,12 +258,7 @@ def lens_pairs(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
     try:
         for a in range(0, len(prompts), batch):
             chunk = prompts[a: a + batch]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(chunk):  # left padding: one batched generate
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_padded(chunk, pad)
             keep[:] = [mask.bool()]
             # min_new_tokens keeps every row sampling: no finished rows feeding padding into the fit.
             with torch.no_grad():

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from distillgame import models
+
 logger = logging.getLogger("embedded_proxy")
 
 
@@ -42,17 +44,12 @@ def sample_traces(model: Any, tok: Any, prompts: list[list[int]], tokens: int, s
     out = []
     for a in range(0, len(prompts), batch):
         chunk = prompts[a: a + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), eos, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding: one batched generate
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = models.left_padded(chunk, eos)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=tokens, pad_token_id=eos)
         for i, p in enumerate(chunk):
-            completion = gen[i, width:].tolist()
+            completion = gen[i, ids.shape[1]:].tolist()
             if eos in completion:
                 completion = completion[: completion.index(eos) + 1]
             out.append((list(p) + completion, len(p)))
@@ -68,7 +65,6 @@ def position_logprobs(model: Any, ids: list[int], start: int, vocab: int) -> tor
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillgame import models
     from distillgame.plugins.mixing import kl_and_agreement, poe_mix
     from distillgame.tasks import build_chat_messages, load_problems
 
