@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.distillgame-installed
 # vLLM ships one module, `vllm`, as a CUDA wheel and as a CPU wheel.
 EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install serve test test-fast gpu-check clean-venv
+.PHONY: install serve test test-slow test-fast gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -28,8 +28,14 @@ endif
 serve: $(STAMP)
 	$(BIN)/distillgame serve
 
+# The slow-marked end-to-end studies (schemathesis against `vllm serve`, an
+# undefended vLLM engine) run with `make test-slow`; they keep `make test` under
+# 40 minutes on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=1200 --durations=20 tests
+	$(BIN)/python -m pytest -q -x --timeout=1200 --durations=20 -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -x --timeout=1200 -m slow tests
 
 # On a machine with CUDA: the engine equivalence and fail-closed tests on the
 # GPU path, then a short overhead run; one summary line per check (< 10 min).
