@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP = 16  # stop strings per request
 MAX_N = 16  # choices per request
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _id(prefix: str) -> str:
@@ -45,7 +46,8 @@ class _SamplingRequest(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    # vLLM seeds a torch.Generator with it: a value outside int64 would raise inside the engine core.
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None

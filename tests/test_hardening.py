@@ -94,6 +94,9 @@ def _still_serving(server: ServerProcess) -> None:
     ({"prompt": "hi", "stream": "yes please"}, "stream"),
     ({"prompt": "hi", "logprobs": 10**6}, "logprobs"),
     ({"prompt": "hi", "seed": "abc"}, "seed"),
+    ({"prompt": "hi", "seed": 2**63}, "seed"),                              # a torch.Generator seed is int64
+    ({"prompt": "hi", "seed": 1270587534405195792384, "echo": True}, "seed"),
+    ({"prompt": "hi", "seed": -20557350380078397614021882675200}, "seed"),
     ({"prompt": "hi", "vllm_xargs": {"distillgame": {"mode": "none"}}}, "vllm_xargs"),
 ])
 def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, param):
@@ -113,6 +116,7 @@ def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, p
     {"messages": [{"role": "user", "content": "word " * 3000}]},
     {"messages": [{"role": "user", "content": "hi"}], "stop": [str(i) for i in range(17)]},
     {"messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 0},  # vLLM: greedy needs n = 1
+    {"messages": [{"role": "user", "content": "hi"}], "seed": -20557350380078397614021882675200},
 ])
 def test_hostile_chat_bodies_are_4xx_in_openai_shape(http, body):
     _assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
