@@ -23,7 +23,12 @@ in OpenAI's shape. Per request it
   that says why, instead of the undefended teacher.
 
 The body is re-serialized from the parsed object, so vLLM parses exactly what
-was checked (no duplicate-key or parser differential gets past the checks).
+was checked (no duplicate-key or parser differential gets past the checks);
+bodies that are not strict JSON text (``NaN``, nesting deeper than the parser
+takes, lone surrogate escapes, which no tokenizer can encode) are a 400 here.
+Body limits come from ``$DISTILLGAME_MAX_BODY_MB`` and
+``$DISTILLGAME_BODY_TIMEOUT_S`` (``distillgame serve``'s ``--max-body-mb`` and
+``--body-timeout``), since ``vllm serve`` passes the middleware no arguments.
 
 Not for: generation (vLLM's server does it), the defense math (``plugins``),
 or ``distillgame serve``'s own app (:mod:`distillgame.server.app`).
@@ -34,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import os
 from typing import Any
 
 from distillgame.server.limits import (
@@ -52,6 +59,10 @@ from distillgame.server.policy import ENGINE_FIELDS, AuthError, Policy, RateLimi
 from distillgame.server.protocol import MAX_N, MAX_STOP
 
 logger = logging.getLogger(__name__)
+
+# The middleware's body limits, read when vllm serve constructs it (it passes no arguments).
+MAX_BODY_MB_ENV = "DISTILLGAME_MAX_BODY_MB"
+BODY_TIMEOUT_ENV = "DISTILLGAME_BODY_TIMEOUT_S"
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -115,13 +126,19 @@ class DefensePolicy:
 
     ``vllm serve --middleware`` constructs it with the app alone; the policy
     then comes from ``$DISTILLGAME_POLICY`` (unset: the no-policy default of
-    ``distillgame serve``, anonymous PoE), and a bad file stops the server at start.
+    ``distillgame serve``, anonymous PoE), the body limits from
+    :data:`MAX_BODY_MB_ENV` and :data:`BODY_TIMEOUT_ENV`, and a bad file or
+    value stops the server at start.
     """
 
-    def __init__(self, app: Any, policy: Policy | None = None, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, app: Any, policy: Policy | None = None, *, max_body_bytes: int | None = None,
+                 body_timeout_s: float | None = None, metrics: ServerMetrics | None = None) -> None:
         self.app = app
         self.policy = policy if policy is not None else policy_from_env()
+        if max_body_bytes is None:
+            max_body_bytes = int(_positive_env(MAX_BODY_MB_ENV, DEFAULT_MAX_BODY_BYTES / (1 << 20)) * (1 << 20))
+        if body_timeout_s is None:
+            body_timeout_s = _positive_env(BODY_TIMEOUT_ENV, DEFAULT_BODY_TIMEOUT_S)
         self.limiter = RateLimiter()
         self.metrics = metrics if metrics is not None else _shared_metrics()
         # Bodies are read (and refused when too big or too slow) before anything parses them.
@@ -206,7 +223,7 @@ class DefensePolicy:
                                 "error" if exc.status >= 500 else "rejected").inc()
             await exc.send(send)
             return
-        raw = json.dumps(body).encode()
+        raw = _encode_body(body)
         # The body is now whole and re-encoded: its framing headers describe the old one.
         headers = [(k, v) for k, v in scope.get("headers", ()) if k not in (b"content-length", b"transfer-encoding")]
         headers.append((b"content-length", str(len(raw)).encode()))
@@ -335,14 +352,75 @@ def ads_refusal(engine: Any) -> str | None:
     return None
 
 
+def _positive_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        raise ValueError(f"${name} must be a positive number, got {raw!r}")
+    return value
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is outside a float's range")
+    return value
+
+
 def _parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        # NaN and Infinity are Python's extensions, not JSON, and 1e999 would parse as one:
+        # vLLM's models would take them as floats.
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except ValueError:
         raise GatewayError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise GatewayError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object", code="invalid_json")
+    _encode_body(body)
     return body
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    """The body vLLM will parse, as UTF-8 JSON; a 400 naming the field for a string that is not Unicode text."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry a lone surrogate escape ("\ud800"); a tokenizer cannot encode it.
+        param = _lone_surrogate_at(body)
+        raise GatewayError(400, f"{param or 'the body'} is not valid Unicode text (lone surrogate escape)",
+                           param=param, code="invalid_text") from None
+    except RecursionError:
+        raise GatewayError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+def _lone_surrogate_at(body: dict[str, Any]) -> str | None:
+    """The top-level field whose value (or name) holds a string that is not Unicode text."""
+    for name, value in body.items():
+        stack: list[Any] = [name, value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return name.encode("utf-8", "replace").decode("utf-8")
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
 
 
 def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:

@@ -34,7 +34,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from conftest_server import free_port
-from distillgame.server.gateway import ROUTES, DefensePolicy
+from distillgame.server.gateway import BODY_TIMEOUT_ENV, MAX_BODY_MB_ENV, ROUTES, DefensePolicy
 from distillgame.server.metrics import ServerMetrics
 from distillgame.server.policy import Policy, load_policy
 
@@ -217,6 +217,49 @@ def test_keys_rate_limits_and_body_limits_are_the_servers(tmp_path):
     assert _error(client.post("/v1/completions", headers=STANDARD, content=b"{not json"), 400)
     assert _error(client.post("/v1/completions", headers=STANDARD, json=[1, 2]), 400)
     assert len(seen) == 2  # /health and the first limited request
+
+
+@pytest.mark.parametrize("raw, param, code", [
+    # Python's json takes these as floats; vLLM's models would too.
+    (b'{"prompt": "hi", "temperature": NaN}', None, "invalid_json"),
+    (b'{"prompt": "hi", "top_p": -Infinity}', None, "invalid_json"),
+    (b'{"prompt": "hi", "temperature": 1e999}', None, "invalid_json"),
+    # Deeper than the parser goes: a RecursionError, not a ValueError.
+    (b'{"prompt": "hi", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "invalid_json"),
+    # Lone surrogate escapes are JSON but no Unicode text: a tokenizer cannot encode them.
+    (b'{"prompt": "lone \\ud800 surrogate"}', "prompt", "invalid_text"),
+    (b'{"prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop", "invalid_text"),
+    (b'{"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"\\ud83d": 1}}}',
+     "response_format", "invalid_text"),
+])
+def test_bodies_that_are_not_strict_json_text_are_400(tmp_path, raw, param, code):
+    client, seen = _stand_in(tmp_path)
+    err = _error(client.post("/v1/completions", headers={**STANDARD, "Content-Type": "application/json"},
+                             content=raw), 400)
+    assert (err["param"], err["code"]) == (param, code), err
+    assert seen == []
+
+
+def test_the_body_reaches_vllm_as_utf8_json_with_the_text_unchanged(tmp_path):
+    client, seen = _stand_in(tmp_path)
+    prompt = "h\u00e9llo \U0001F600 \u202e\u0000 end"
+    r = client.post("/v1/completions", headers=STANDARD, json={"prompt": prompt, "temperature": 0.5})
+    assert r.status_code == 200, r.text
+    assert seen[-1]["prompt"] == prompt and seen[-1]["temperature"] == 0.5
+
+
+def test_body_limits_come_from_the_environment_when_vllm_serve_passes_none(tmp_path, monkeypatch):
+    monkeypatch.setenv(MAX_BODY_MB_ENV, "0.001")
+    monkeypatch.setenv(BODY_TIMEOUT_ENV, "2.5")
+    middleware = DefensePolicy(None, policy=_policy(tmp_path), metrics=ServerMetrics())
+    assert (middleware._generation.max_bytes, middleware._generation.timeout_s) == (1048, 2.5)
+    client, seen = _stand_in(tmp_path)
+    assert _error(client.post("/v1/completions", headers=STANDARD, json={"prompt": "x" * 1100}), 413)
+    assert client.post("/v1/completions", headers=STANDARD, json={"prompt": "x" * 900}).status_code == 200
+    for bad in ("lots", "0", "-1", "inf"):
+        monkeypatch.setenv(BODY_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=BODY_TIMEOUT_ENV):
+            DefensePolicy(None, policy=_policy(tmp_path), metrics=ServerMetrics())
 
 
 def test_unlisted_routes_and_methods_are_refused(tmp_path):
