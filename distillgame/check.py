@@ -5,9 +5,13 @@ Runs, on a machine with CUDA and vLLM's CUDA wheel:
   float64 oracle, preemption, staggered arrivals) and the fail-closed tests,
   with vLLM's GPU defaults (chunked prefill on; async scheduling is what the
   defended engine turns off and the tests assert);
+- the host-sync tests (``tests/test_host_syncs.py``): the defended step, in
+  the processor alone and in an engine with the defense's ``sync_audit`` on,
+  runs under ``torch.cuda.set_sync_debug_mode("error")``, so one
+  synchronizing call (``.item()``, a blocking copy, ...) fails it;
 - a short ``bench overhead`` at concurrency 1 and 32 on the embedded pair.
 Prints one summary line per check and exits non-zero if any failed. Sized to
-finish in under 10 minutes on one GPU.
+finish in about 10 minutes on one GPU.
 
 Not for: CPU machines (``make test`` is their check) or timing claims (the
 overhead run here is a smoke-sized sample; ``distillgame bench overhead`` is
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_TESTS = ("tests/test_poe_engine.py", "tests/test_ads.py", "tests/test_fail_closed.py")
+SYNC_TESTS = ("tests/test_host_syncs.py",)
+# The line tests/test_host_syncs.py prints for the engine's audit (see sync_line).
+SYNC_LINE = "host syncs: engine"
 
 
 @dataclass
@@ -53,18 +60,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _pytest(timeout: float) -> Outcome:
+def sync_line(report: dict) -> str:
+    """One line for the engine's sync audit report (``distillgame_sync_audit``); the check's summary quotes it."""
+    return (f"{SYNC_LINE}: {report['host_reads']} host reads, {report['host_builds']} unstaged host builds, "
+            f"{report['staged_copies']} staged copies in {report['steps']} defended steps "
+            f"(sync debug mode: {report['sync_debug_mode'] or 'none, CPU'})")
+
+
+def _pytest(name: str, files: tuple[str, ...], timeout: float, extra: tuple[str, ...] = ()) -> tuple[Outcome, str]:
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ENGINE_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, *files]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return Outcome("engine tests", False, f"timed out after {timeout:.0f} s", time.perf_counter() - start)
+        return Outcome(name, False, f"timed out after {timeout:.0f} s", time.perf_counter() - start), ""
     tail = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout[-6000:] + proc.stderr[-3000:])
     summary = tail[-1].strip("= ") if tail else f"pytest exit {proc.returncode}"
-    return Outcome("engine tests", proc.returncode == 0, summary, time.perf_counter() - start)
+    return Outcome(name, proc.returncode == 0, summary, time.perf_counter() - start), proc.stdout
+
+
+def _host_syncs(timeout: float) -> Outcome:
+    outcome, stdout = _pytest("host syncs", SYNC_TESTS, timeout, ("-s",))
+    lines = [line for line in stdout.splitlines() if line.startswith(SYNC_LINE)]
+    if lines:
+        outcome.summary += "; " + lines[-1][len(SYNC_LINE) + 2 :]
+    return outcome
 
 
 def _overhead(out: Path) -> Outcome:
@@ -89,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("no CUDA device: `distillgame check --gpu` needs a GPU (on CPUs, `make test` is the check)")
         return 2
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    outcomes = [_pytest(args.timeout)]
+    outcomes = [_pytest("engine tests", ENGINE_TESTS, args.timeout)[0], _host_syncs(args.timeout)]
     if not args.skip_bench:
         with tempfile.TemporaryDirectory() as tmp:
             outcomes.append(_overhead(Path(tmp)))

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distillgame.plugins.proxy_runner import SlotKVCache, SlotRunner, engine_gemm
+from distillgame.plugins.proxy_runner import SlotKVCache, SlotRunner, StagedBatch, engine_gemm
+from distillgame.plugins.transfers import Staging
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -159,6 +160,7 @@ class JvpProxyRunner(SlotRunner):
                                  device, initial_capacity)
         self.lengths = [0] * num_slots
         self.last = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
+        self.staging = Staging(device)
 
     def _attention(self, layer_idx: int, q, dq, k, dk, v, dv, mask):
         """Causal attention over the slot cache and its tangent; inputs ``[B, T, heads, D]``.
@@ -202,17 +204,17 @@ class JvpProxyRunner(SlotRunner):
         ``slot``'s cache is reset and then holds the sequence.
         """
         self.reset(slot)
-        h, dh, width = self._trunk([slot], [token_ids])
+        self.staging.begin()
+        h, dh, _ = self._trunk([slot], [token_ids])
         picked = torch.arange(start - 1, len(token_ids) - 1, device=self.device)
         return self._head_derivative(h[picked], dh[picked])
 
-    def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
-        h, dh, width = self._trunk(slots, tokens)
-        n_new = torch.tensor([len(t) for t in tokens], dtype=torch.long, device=self.device)
-        last = (n_new - 1).clamp_min(0) + torch.arange(len(slots), device=self.device) * width
+    def _forward(self, slots: list[int], tokens: list[Sequence[int]]) -> torch.Tensor:
+        h, dh, batch = self._trunk(slots, tokens)
+        last = (batch.n_new - 1).clamp_min(0) + torch.arange(len(slots), device=self.device) * batch.width
         deriv = self._head_derivative(h[last], dh[last])
-        out[torch.tensor(rows, device=self.device)] = deriv
-        self.last[torch.tensor(slots, dtype=torch.long, device=self.device)] = deriv
+        self.last[batch.slots] = deriv
+        return deriv
 
     def _head_derivative(self, h: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
         x, dx = self.norm(h, dh)
@@ -222,24 +224,17 @@ class JvpProxyRunner(SlotRunner):
         # d log softmax(z) = dz - E_p[dz]
         return dz - (logp.exp() * dz).sum(-1, keepdim=True)
 
-    def _trunk(self, slots: list[int], tokens: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _trunk(self, slots: list[int], tokens: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, StagedBatch]:
         """The decoder over each row's new tokens: hidden states and tangents ``[rows * width, hidden]``."""
         dev = self.device
-        width = max(len(t) for t in tokens)
-        batch = len(slots)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        for b, toks in enumerate(tokens):
-            ids[b, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
-        ids = ids.to(dev)
-        n_new = torch.tensor([len(t) for t in tokens], dtype=torch.long, device=dev)
-        starts = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=dev)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        staged = self._stage_batch(slots, tokens)
+        ids, starts, width, batch = staged.ids, staged.starts, staged.width, len(slots)
         positions = starts[:, None] + torch.arange(width, device=dev)[None, :]
-        self.cache.plan(slot_t, starts, width)
-        kv_pos = torch.arange(self.cache._kv_len, device=dev)
+        self.cache.plan(staged.slots, starts, width, staged.kv_len, staged.first_slot)
+        kv_pos = torch.arange(staged.kv_len, device=dev)
         # As in ProxyRunner: causal, and only each row's valid prefix.
         mask = ((kv_pos[None, None, :] <= positions[:, :, None])
-                & (kv_pos[None, None, :] < (starts + n_new)[:, None, None]))[:, None]
+                & (kv_pos[None, None, :] < (starts + staged.n_new)[:, None, None]))[:, None]
 
         h = self.embed[ids].reshape(batch * width, -1)
         dh = self.embed_g[ids].reshape(batch * width, -1)
@@ -273,7 +268,5 @@ class JvpProxyRunner(SlotRunner):
             dm = dact * dgate * up + act * dup
             y, dy = layer.down(m, dm)
             h, dh = h + y, dh + dy
-
-        for s, n in zip(slots, n_new.tolist()):
-            self.lengths[s] += n
-        return h, dh, width
+        self._advance(slots, tokens)
+        return h, dh, staged

@@ -21,7 +21,13 @@ one forward-mode pass in the proxy's own dtype (:mod:`distillgame.plugins.ads_jv
 proxy's architecture supports it (Llama family) and ``"fd"`` elsewhere.
 
 Per step, the proxy's work is one batched forward per proxy model (the proxy,
-and for ADS its forward-mode runner or its two perturbed copies).
+and for ADS its forward-mode runner or its two perturbed copies). The step
+never waits for the device: the bookkeeping (rows, slots, lengths, samples
+left to count) is host Python fed by vLLM's batch updates, what the device
+needs of it goes through a staging buffer with non-blocking copies, and the
+fidelity counters accumulate on the device, read only by the
+``distillgame_fidelity`` RPC (:mod:`distillgame.plugins.transfers`; the
+``sync_audit`` setting checks it on a running engine).
 Failures are not caught: an exception here aborts the engine step, so no token
 is ever sampled from an undefended row (fail closed). That includes a proxy
 that returns NaN or inf (a float16 proxy can overflow): a device-side assert,
@@ -41,6 +47,7 @@ proxy's KV caches (:mod:`distillgame.plugins.proxy_runner`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -68,6 +75,7 @@ from distillgame.plugins.mixing import (
     poe_mix,
 )
 from distillgame.plugins.proxy_runner import ProxyRunner, plain_linears
+from distillgame.plugins.transfers import Staging, SyncAudit, to_host
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -78,6 +86,7 @@ logger = logging.getLogger(__name__)
 # and whether a live processor is installed.
 fidelity_rpc = "distillgame_fidelity"
 status_rpc = "distillgame_status"
+sync_audit_rpc = "distillgame_sync_audit"
 
 _LIVE: "weakref.WeakSet[DefenseLogitsProcessor]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
@@ -102,6 +111,10 @@ class DefenseSettings:
     # saves memory on big proxies; the cache then doubles when a longer
     # sequence arrives, up to max_model_len.
     initial_cache_len: int | None = None
+    # Diagnostics: audit every defended step for host synchronizations (see
+    # distillgame.plugins.transfers.SyncAudit; read by the distillgame_sync_audit
+    # RPC). On CUDA a synchronizing call then fails the step. Off in serving.
+    sync_audit: bool = False
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> "DefenseSettings":
@@ -291,6 +304,11 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         self.pending_kl = torch.zeros(self.num_slots, dtype=torch.float64, device=self.device)
         self.pending_agree = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
         self.pending_mode = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        # Slots whose request left after a released sample that apply() has not
+        # counted yet: counted at the next apply() (or fidelity()), on the device.
+        self.uncounted: list[int] = []
+        self.staging = Staging(self.device, pin=bool(is_pin_memory) and self.device.type == "cuda")
+        self.audit = SyncAudit(self.device) if self.settings.sync_audit else None
         logger.info(
             "defense ready: proxy vocab %d, teacher vocab %d, %d slots, proxy KV cache %.2f GiB "
             "(%d positions per slot; ADS adds twice that, per eps in use for fd), ADS %s",
@@ -321,9 +339,14 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
                     "an ADS request reached an engine without an ADS gradient "
                     "(set additional_config['distillgame']['ads_grad'])"
                 )
-            self.ads_jvp = JvpProxyRunner(self.proxy_model, self.ads_grad, self.num_slots, self.device,
-                                          self.cache_len)
+            with self._setup():
+                self.ads_jvp = JvpProxyRunner(self.proxy_model, self.ads_grad, self.num_slots, self.device,
+                                              self.cache_len)
         return self.ads_jvp
+
+    def _setup(self) -> contextlib.AbstractContextManager[None]:
+        """One-time construction that a step may trigger: outside the sync audit's per-step rule."""
+        return self.audit.exempt() if self.audit is not None else contextlib.nullcontext()
 
     def is_argmax_invariant(self) -> bool:
         return not self.active
@@ -349,9 +372,9 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         for sign in (+1.0, -1.0):
             # Float32 whatever the proxy's dtype (see perturbed_copy): in bf16 the
             # eps step would be rounded away.
-            with plain_linears(self.proxy_model):
+            with self._setup(), plain_linears(self.proxy_model):
                 clone = perturbed_copy(self.proxy_model, self.ads_grad, sign * eps)
-            copies.append(ProxyRunner(clone, self.num_slots, self.device, self.cache_len))
+                copies.append(ProxyRunner(clone, self.num_slots, self.device, self.cache_len))
         pair = self.ads_pairs[eps] = _AdsPair(*copies)
         return pair
 
@@ -366,7 +389,7 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
 
     def _free(self, row: _Row) -> None:
         if row.released_last_sample():
-            self._count([row.slot])
+            self.uncounted.append(row.slot)
         self.free_slots.append(row.slot)
         if row.defense.mode == "ads" and self.ads_method == "fd":
             pair = self.ads_pairs.get(row.defense.eps)
@@ -376,6 +399,14 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if not self.active or batch_update is None:
             return
+        if self.audit is None:
+            self._update_state(batch_update)
+            return
+        with self.audit.guard():
+            self._update_state(batch_update)
+
+    def _update_state(self, batch_update: BatchUpdate) -> None:
+        """Host-side bookkeeping only: which rows are live, their slots, what is left to count."""
         for index in batch_update.removed:
             self._release(index)
         for index, params, prompt_ids, output_ids in batch_update.added:
@@ -416,23 +447,40 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         if fault and os.path.exists(fault):
             raise RuntimeError(f"injected proxy failure ({fault} exists)")
 
-    def _count(self, slots: list[int]) -> None:
-        """Add the slots' pending samples to the fidelity counters (eq. 1 budget), on the device."""
-        if not slots:
-            return
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        mode = self.pending_mode[idx]
-        self.kl_sum.index_add_(0, mode, self.pending_kl[idx])
-        self.tokens.index_add_(0, mode, torch.ones_like(mode))
-        self.agree.index_add_(0, mode, self.pending_agree[idx])
+    def _count(self, into: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slots: torch.Tensor) -> None:
+        """Add the slots' pending samples to the fidelity counters ``into`` (eq. 1 budget), on the device."""
+        kl_sum, tokens, agree = into
+        mode = self.pending_mode[slots]
+        kl_sum.index_add_(0, mode, self.pending_kl[slots])
+        tokens.index_add_(0, mode, torch.ones_like(mode))
+        agree.index_add_(0, mode, self.pending_agree[slots])
 
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self.active or not self.rows:
             return logits
+        if self.audit is None:
+            return self._apply(logits)
+        with self.audit.guard(step=True):
+            return self._apply(logits)
+
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         self._check_fault()
+        self.staging.begin()
         indices = sorted(self.rows)
         rows = [self.rows[i] for i in indices]
-        self._count([row.slot for row in rows if row.released_last_sample()])
+        # Samples released since the last step: of rows that left, then of rows still here.
+        done = self.uncounted + [row.slot for row in rows if row.released_last_sample()]
+        poe = [p for p, row in enumerate(rows) if row.defense.mode == "poe"]
+        ads = [p for p, row in enumerate(rows) if row.defense.mode == "ads"]
+        # Everything the device needs from the host this step, in two staged copies.
+        index_t, slot_t, mode_t, poe_t, ads_t, done_t = self.staging.to_device(
+            indices, [row.slot for row in rows], [MODE_INDEX[row.defense.mode] for row in rows], poe, ads, done)
+        gamma, lam, eps = (t[:, None] for t in self.staging.to_device(
+            [rows[p].defense.gamma for p in poe], [rows[p].defense.lam for p in ads],
+            [rows[p].defense.eps for p in ads], dtype=torch.float32))
+        if done:
+            self._count((self.kl_sum, self.tokens, self.agree), done_t)
+            self.uncounted = []
         news = [row.new_tokens() for row in rows]
         for new in news:
             if -1 in new:
@@ -443,40 +491,31 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         for pos, row in enumerate(rows):
             for runner in row.runners:
                 per_runner.setdefault(id(runner), (runner, []))[1].append(pos)
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
-        for runner, positions in per_runner.values():
+        outputs: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        for key, (runner, positions) in per_runner.items():
             logprobs = runner.step([rows[p].slot for p in positions], [news[p] for p in positions])
             # Fail closed on a non-finite proxy (e.g. float16 overflow): the mix
             # would turn it into the tempered or plain teacher. Asynchronous on
             # GPUs: the step fails at vLLM's own sync, before any token is released.
             torch._assert_async(torch.isfinite(logprobs[:, : self.vocab]).all(),
                                 "the defense's proxy returned NaN or inf; refusing to release this step")
-            for k, p in enumerate(positions):
-                outputs[(id(runner), p)] = logprobs[k]
+            outputs[key] = (logprobs, positions)
         for row, new in zip(rows, news):
             row.fed += len(new)
 
         vocab = self.vocab
-        index_t = torch.tensor(indices, dtype=torch.long, device=logits.device)
         teacher = torch.log_softmax(logits[index_t, :vocab].float(), dim=-1)
         mixed = torch.empty_like(teacher)
-        poe = [p for p, row in enumerate(rows) if row.defense.mode == "poe"]
-        ads = [p for p, row in enumerate(rows) if row.defense.mode == "ads"]
         if poe:
-            pos_t = torch.tensor(poe, device=logits.device)
-            proxy = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in poe])
-            gamma = torch.tensor([rows[p].defense.gamma for p in poe], device=logits.device)[:, None]
-            mixed[pos_t] = poe_mix(teacher[pos_t], proxy, gamma)
+            proxy = self._answers(outputs, rows, poe, role=0)
+            mixed[poe_t] = poe_mix(teacher[poe_t], proxy, gamma)
         if ads:
-            pos_t = torch.tensor(ads, device=logits.device)
-            lam = torch.tensor([rows[p].defense.lam for p in ads], device=logits.device)[:, None]
-            first = torch.stack([outputs[(id(rows[p].runners[0]), p)][:vocab] for p in ads])
+            first = self._answers(outputs, rows, ads, role=0)
             if self.ads_method == "jvp":
-                mixed[pos_t] = ads_tilt_derivative(teacher[pos_t], first, lam)
+                mixed[ads_t] = ads_tilt_derivative(teacher[ads_t], first, lam)
             else:
-                minus = torch.stack([outputs[(id(rows[p].runners[1]), p)][:vocab] for p in ads])
-                eps = torch.tensor([rows[p].defense.eps for p in ads], device=logits.device)[:, None]
-                mixed[pos_t] = ads_tilt(teacher[pos_t], first, minus, lam, eps)
+                minus = self._answers(outputs, rows, ads, role=1)
+                mixed[ads_t] = ads_tilt(teacher[ads_t], first, minus, lam, eps)
 
         # What vLLM masked before us (allowed_token_ids, bad_words, min_tokens'
         # EOS, grammar bitmasks) stays masked: at gamma = 1 the mix would give
@@ -489,30 +528,44 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         # Fidelity stays on the device (no host sync per step) and is counted
         # only once the sample is known to be released (see _Row.sampled_at).
         kl, agree = kl_and_agreement(mixed, teacher)
-        slot_t = torch.tensor([row.slot for row in rows], dtype=torch.long, device=logits.device)
         self.pending_kl[slot_t] = kl.double()
         self.pending_agree[slot_t] = agree.long()
-        self.pending_mode[slot_t] = torch.tensor([MODE_INDEX[row.defense.mode] for row in rows], device=logits.device)
+        self.pending_mode[slot_t] = mode_t
         for row in rows:
             row.sampled_at = len(row.output)
         return logits
 
+    def _answers(self, outputs: dict[int, tuple[torch.Tensor, list[int]]], rows: list[_Row], positions: list[int],
+                 role: int) -> torch.Tensor:
+        """The proxy answers ``[len(positions), vocab]`` of the rows at ``positions``, from their ``role``-th runner."""
+        keys = {id(rows[p].runners[role]) for p in positions}
+        if len(keys) == 1:
+            answers, runner_positions = outputs[keys.pop()]
+            if runner_positions == positions:
+                # One runner serves exactly these rows (PoE, forward-mode ADS, one eps): its rows are in order.
+                return answers[:, : self.vocab]
+        picked = []
+        for p in positions:
+            answers, runner_positions = outputs[id(rows[p].runners[role])]
+            picked.append(answers[runner_positions.index(p), : self.vocab])
+        return torch.stack(picked)
+
     def fidelity(self) -> dict[str, dict[str, float | int]]:
-        kl, tokens, agree = self.kl_sum.clone(), self.tokens.clone(), self.agree.clone()
-        # Samples released by the engine's last step but not yet seen by apply().
-        done = [row.slot for row in self.rows.values() if row.released_last_sample()]
+        """The counters, with the samples released since the last step (a read of device values: for the RPC)."""
+        counters = (self.kl_sum.clone(), self.tokens.clone(), self.agree.clone())
+        done = self.uncounted + [row.slot for row in self.rows.values() if row.released_last_sample()]
         if done:
-            idx = torch.tensor(done, dtype=torch.long, device=self.device)
-            mode = self.pending_mode[idx]
-            kl.index_add_(0, mode, self.pending_kl[idx])
-            tokens.index_add_(0, mode, torch.ones_like(mode))
-            agree.index_add_(0, mode, self.pending_agree[idx])
-        kl, tokens, agree = kl.tolist(), tokens.tolist(), agree.tolist()
+            self.staging.begin()
+            self._count(counters, self.staging.to_device(done)[0])
+        kl, tokens, agree = (to_host(c) for c in counters)
         return {
             mode: {"tokens": tokens[i], "kl_sum": kl[i], "argmax_agree": agree[i]}
             for i, mode in enumerate(MODES)
             if mode != "none"
         }
+
+    def sync_audit(self) -> dict[str, Any] | None:
+        return self.audit.report() if self.audit is not None else None
 
     def proxy_cache_bytes(self) -> int:
         if not self.active:
@@ -526,7 +579,8 @@ class DefenseWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) to read the processor's state.
 
     ``engine.collective_rpc("distillgame_fidelity")`` returns one dict per worker,
-    and so does ``engine.collective_rpc("distillgame_status")``.
+    and so does ``engine.collective_rpc("distillgame_status")``;
+    ``"distillgame_sync_audit"`` one list per worker (empty unless ``sync_audit`` is set).
     """
 
     def distillgame_status(self) -> dict[str, Any]:
@@ -540,6 +594,12 @@ class DefenseWorkerExtension:
             "speculative": bool(getattr(config, "speculative_config", None)),
             "async_scheduling": bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False)),
         }
+
+    def distillgame_sync_audit(self) -> list[dict[str, Any]]:
+        """What the audit saw in each live processor with ``sync_audit`` on (see :class:`SyncAudit`)."""
+        with _LIVE_LOCK:
+            live = [p for p in _LIVE if p.active]
+        return [report for report in (p.sync_audit() for p in live) if report is not None]
 
     def distillgame_fidelity(self) -> dict[str, dict[str, float | int]]:
         total: dict[str, dict[str, float | int]] = {

@@ -27,9 +27,13 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
+
+from distillgame.plugins.transfers import Staging
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +207,14 @@ class SlotKVCache(Cache):
                 extra = buf.new_zeros(buf.shape[0], buf.shape[1], pad, buf.shape[3])
                 store[i] = torch.cat([buf, extra], dim=2)
 
-    def plan(self, slots: torch.Tensor, starts: torch.Tensor, width: int) -> None:
-        """Prepare a forward of ``width`` new positions for rows at ``slots`` starting at ``starts``."""
-        kv_len = int(starts.max().item()) + width
+    def plan(self, slots: torch.Tensor, starts: torch.Tensor, width: int, kv_len: int, first_slot: int | None) -> None:
+        """Prepare a forward of ``width`` new positions for rows at ``slots`` starting at ``starts``.
+
+        ``kv_len`` (the longest row's start plus ``width``) and ``first_slot``
+        (the first slot when the rows sit on consecutive slots, else None) come
+        from the caller's host-side lengths: reading them off the device tensors
+        would make the host wait for the device.
+        """
         if kv_len > self.capacity:
             self._grow(kv_len)
         self._slots = slots
@@ -213,9 +222,7 @@ class SlotKVCache(Cache):
         self._kv_len = kv_len
         # Rows on consecutive slots (the usual case: slots are handed out in
         # order) read their keys/values as a view instead of a gathered copy.
-        first = int(slots[0])
-        consecutive = bool(torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)))
-        self._rows = slice(first, first + len(slots)) if consecutive else slots
+        self._rows = slice(first_slot, first_slot + len(slots)) if first_slot is not None else slots
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         assert self._slots is not None and self._write_pos is not None, "plan() must precede a forward"
@@ -239,18 +246,36 @@ class SlotKVCache(Cache):
         return sum(b.numel() * b.element_size() for b in self.keys + self.values)
 
 
+@dataclass
+class StagedBatch:
+    """One forward's rows on the device (built from host lists through :class:`Staging`), and its host-side sizes."""
+
+    ids: torch.Tensor  # [rows, width] new tokens, zero-padded
+    n_new: torch.Tensor  # [rows]
+    starts: torch.Tensor  # [rows] tokens already in each row's slot
+    slots: torch.Tensor  # [rows]
+    width: int
+    kv_len: int
+    first_slot: int | None  # see SlotKVCache.plan
+
+
 class SlotRunner:
     """What the per-slot runners share: slots, :meth:`reset`, and :meth:`step` splitting rows by how much is new.
 
-    A subclass sets ``lengths`` (tokens in each slot's cache), ``last`` (the
-    last answer per slot, ``[slots, vocab]``), ``vocab_size`` and ``device``,
-    and implements ``_forward(rows, slots, tokens, out)`` for rows with new tokens.
+    A subclass sets ``lengths`` (tokens in each slot's cache, on the host),
+    ``last`` (the last answer per slot, ``[slots, vocab]``), ``vocab_size``,
+    ``device``, ``cache`` and ``staging``, and implements
+    ``_forward(slots, tokens)`` returning the answers of rows with new tokens.
+    Nothing here reads a device value back: sizes and offsets come from the
+    host lists, and the device gets them through ``staging``.
     """
 
     lengths: list[int]
     last: torch.Tensor
     vocab_size: int
     device: torch.device
+    cache: SlotKVCache
+    staging: Staging
 
     def reset(self, slot: int) -> None:
         """Start ``slot`` afresh: nothing of its previous occupant may reach the new one."""
@@ -269,19 +294,49 @@ class SlotRunner:
         nothing new (e.g. a chunked-prefill step whose sample is discarded)
         gets its slot's last answer again.
         """
-        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
+        self.staging.begin()
         rows_one = [i for i, toks in enumerate(new_tokens) if len(toks) == 1]
         rows_many = [i for i, toks in enumerate(new_tokens) if len(toks) > 1]
+        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
+        answers = []
         for group in (rows_one, rows_many):
             if group:
-                self._forward(group, [slots[i] for i in group], [new_tokens[i] for i in group], out)
-        rows_none = [i for i, toks in enumerate(new_tokens) if len(toks) == 0]
+                answers.append((group, self._forward([slots[i] for i in group], [new_tokens[i] for i in group])))
         if rows_none:
-            idx = torch.tensor([slots[i] for i in rows_none], device=self.device)
-            out[torch.tensor(rows_none, device=self.device)] = self.last[idx]
+            (idx,) = self.staging.to_device([slots[i] for i in rows_none])
+            answers.append((rows_none, self.last[idx]))
+        if len(answers) == 1:
+            # One kind of row (a pure decode or prefill step): already in row order.
+            return answers[0][1]
+        out = torch.empty(len(slots), self.vocab_size, dtype=torch.float32, device=self.device)
+        positions = self.staging.to_device(*(group for group, _ in answers))
+        for where, (_, answer) in zip(positions, answers):
+            out[where] = answer
         return out
 
-    def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
+    def _stage_batch(self, slots: Sequence[int], tokens: Sequence[Sequence[int]]) -> StagedBatch:
+        """The forward's inputs on the device, in one staged copy."""
+        width = max(len(t) for t in tokens)
+        n_new = [len(t) for t in tokens]
+        starts = [self.lengths[s] for s in slots]
+        ids = np.zeros((len(slots), width), dtype=np.int64)
+        if width == 1:
+            ids[:, 0] = [t[0] for t in tokens]
+        else:
+            for b, toks in enumerate(tokens):
+                ids[b, : len(toks)] = toks
+        ids_t, n_new_t, starts_t, slots_t = self.staging.to_device(ids, n_new, starts, slots)
+        first = slots[0]
+        consecutive = all(s == first + k for k, s in enumerate(slots))
+        return StagedBatch(ids_t, n_new_t, starts_t, slots_t, width, max(starts) + width,
+                           first if consecutive else None)
+
+    def _advance(self, slots: Sequence[int], tokens: Sequence[Sequence[int]]) -> None:
+        """After a forward: the slots' caches hold the new tokens too (host-side lengths)."""
+        for s, toks in zip(slots, tokens):
+            self.lengths[s] += len(toks)
+
+    def _forward(self, slots: list[int], tokens: list[Sequence[int]]) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -310,26 +365,19 @@ class ProxyRunner(SlotRunner):
             text_config.num_hidden_layers, num_slots, num_kv_heads, head_dim, dtype, device, initial_capacity
         )
         self.lengths = [0] * num_slots  # tokens already in each slot's cache
+        self.staging = Staging(device)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         # The last next-token log-probs per slot (see SlotRunner.step).
         self.last = torch.zeros(num_slots, self.vocab_size, dtype=torch.float32, device=device)
         self._decoder = getattr(model, "model", None)
         self._head = model.get_output_embeddings()
 
-    def _forward(self, rows: list[int], slots: list[int], tokens: list[Sequence[int]], out: torch.Tensor) -> None:
-        width = max(len(t) for t in tokens)
-        batch = len(rows)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        n_new = torch.tensor([len(t) for t in tokens], dtype=torch.long)
-        for b, toks in enumerate(tokens):
-            ids[b, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
-        starts = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)
-        ids, n_new, starts = ids.to(self.device), n_new.to(self.device), starts.to(self.device)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-
-        positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
-        self.cache.plan(slot_t, starts, width)
-        kv_pos = torch.arange(self.cache._kv_len, device=self.device)
+    def _forward(self, slots: list[int], tokens: list[Sequence[int]]) -> torch.Tensor:
+        batch = self._stage_batch(slots, tokens)
+        starts, n_new = batch.starts, batch.n_new
+        positions = starts[:, None] + torch.arange(batch.width, device=self.device)[None, :]
+        self.cache.plan(batch.slots, starts, batch.width, batch.kv_len, batch.first_slot)
+        kv_pos = torch.arange(batch.kv_len, device=self.device)
         # Row b's query t sees key k iff k <= start_b + t (causal) and k lies in
         # the valid prefix start_b + n_new_b (hides padding and stale tails).
         visible = (kv_pos[None, None, :] <= positions[:, :, None]) & (
@@ -338,18 +386,19 @@ class ProxyRunner(SlotRunner):
         mask = visible[:, None, :, :]
 
         last = (n_new - 1).clamp_min(0)
+        rows = torch.arange(len(slots), device=self.device)
         if self._decoder is not None:
             hidden = self._decoder(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+                input_ids=batch.ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                use_cache=True,
             ).last_hidden_state
-            picked = hidden[torch.arange(batch, device=self.device), last]
-            logits = self._head(picked)
+            logits = self._head(hidden[rows, last])
         else:
             logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
-            ).logits[torch.arange(batch, device=self.device), last]
+                input_ids=batch.ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                use_cache=True,
+            ).logits[rows, last]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        out[torch.tensor(rows, device=self.device)] = logprobs
-        self.last[slot_t] = logprobs
-        for s, n in zip(slots, n_new.tolist()):
-            self.lengths[s] += n
+        self.last[batch.slots] = logprobs
+        self._advance(slots, tokens)
+        return logprobs
