@@ -1,12 +1,15 @@
-"""Smoke test of ``distillgame bench overhead --quick``: a real server over HTTP, the report's shape.
+"""``distillgame bench overhead``: the report's arithmetic, and a real run over HTTP.
 
 Speed is not asserted (the machine is shared); the structure, the arithmetic
 linking ratio, limit and normalized overhead, and that every mode generated
-tokens are.
+tokens are. The arithmetic is checked on hand-made samples in ``make test``;
+the end-to-end ``--quick`` run (two engines, about 4 minutes on 2 cores) is a
+benchmark smoke test and runs with ``make test-slow``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +17,37 @@ import sys
 import pytest
 
 
+def test_report_arithmetic_on_hand_made_samples(tmp_path):
+    from distillgame.bench.overhead import BenchConfig, RequestSample, aggregate, build_report, markdown, write_report
+
+    def stats(tokens: int, wall: float, tpot: float):
+        return aggregate([wall], [RequestSample(ttft=0.1, tpot=tpot, tokens=tokens // 2)] * 2)
+
+    # Teacher alone 100 tok/s, PoE 50, ADS 25; the proxy alone 400 tok/s: t_p/t_t = 0.25.
+    teacher = {1: {"none": stats(100, 1.0, 0.01), "poe": stats(100, 2.0, 0.02), "ads": stats(100, 4.0, 0.04)}}
+    proxy = {1: {"none": stats(400, 1.0, 0.0025)}}
+    report = build_report(teacher, proxy, BenchConfig.quick(), "distillgame bench overhead --quick")
+    rows = {r["mode"]: r for r in report["results"]}
+    assert rows["none"]["tok_per_s"] == 100.0 and rows["none"]["ratio"] == 1.0 and rows["none"]["limit"] == 1.0
+    assert rows["poe"]["ratio"] == pytest.approx(2.0) and rows["ads"]["ratio"] == pytest.approx(4.0)
+    assert rows["poe"]["tp_over_tt"] == pytest.approx(0.25)
+    assert rows["poe"]["limit"] == pytest.approx(1.25) and rows["ads"]["limit"] == pytest.approx(1.5)
+    assert rows["poe"]["ratio_over_limit"] == pytest.approx(1.6)
+    assert rows["poe"]["normalized_overhead"] == pytest.approx(4.0)   # (2 - 1) / 0.25
+    assert rows["ads"]["normalized_overhead"] == pytest.approx(12.0)  # (4 - 1) / 0.25
+    assert rows["poe"]["tpot_ratio_p50"] == pytest.approx(2.0)
+    assert report["proxy_alone"] == [{"concurrency": 1, **dataclasses.asdict(proxy[1]["none"])}]
+    # Without the proxy run there is no floor to compare with.
+    bare = {r["mode"]: r for r in build_report(teacher, None, BenchConfig.quick(), "x")["results"]}
+    assert bare["poe"]["limit"] is None and "normalized_overhead" not in bare["poe"]
+    md = markdown(report)
+    assert "| poe | 1 | 50.0 |" in md and "| 2.00 | 1.25 | 1.60 | 4.00 (1.49) |" in md
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "overhead.json").read_text())["results"] == report["results"]
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_overhead_quick_report(tmp_path):
     out = tmp_path / "results"
