@@ -217,6 +217,7 @@ class SyncAudit:
         self.staged = 0
         self.exempted = 0
         self.paused = 0
+        self._depth = 0
         self._outer_mode: int | str | None = None
 
     @contextlib.contextmanager
@@ -227,9 +228,11 @@ class SyncAudit:
             if self.cuda:
                 self._outer_mode = torch.cuda.get_sync_debug_mode()
                 torch.cuda.set_sync_debug_mode("error")
+            self._depth += 1
             try:
                 yield
             finally:
+                self._depth -= 1
                 if self.cuda:
                     torch.cuda.set_sync_debug_mode(self._outer_mode)
         self.staged += staged_copies() - before
@@ -237,7 +240,10 @@ class SyncAudit:
 
     @contextlib.contextmanager
     def exempt(self) -> Iterator[None]:
-        """Within a guarded block, run one-time setup unaudited."""
+        """Within a guarded block, run one-time setup unaudited (outside one, just run it)."""
+        if not self._depth:
+            yield
+            return
         self.paused += 1
         self.exempted += 1
         if self.cuda:
