@@ -72,17 +72,18 @@ def train_and_score(cfg: TableConfig, name: str, seed: int, overrides: dict[str,
 
     torch.set_num_threads(cfg.threads)
     run = cfg.work / overrides.get("tag", "") / f"{name}-seed{seed}"
+    traces = Path(overrides.get("traces", cfg.work / "none" / "traces.jsonl"))
     if not (run / "summary.json").exists():
-        opts = {k: v for k, v in overrides.items() if k != "tag"}
+        opts = {k: v for k, v in overrides.items() if k not in ("tag", "traces")}
         dcfg = DistillConfig(student=cfg.student, out=run, rho=cfg.rho, val_every=cfg.val_every, rank=cfg.rank,
                              lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                              max_length=cfg.max_length, seed=seed, beta=cfg.beta, fd_eps=cfg.fd_eps, clip=cfg.clip,
                              **{**VARIANTS[name], **opts})
         released = dcfg.mode == "adaptive" and dcfg.weighting == "released"
-        distill(dcfg, cfg.work / "none" / "traces.jsonl", val_task=cfg.task, val_split="validation",
+        distill(dcfg, traces, val_task=cfg.task, val_split="validation",
                 val_n=cfg.n_val, val_traces=cfg.work / "none" / "val_traces.jsonl" if released else None)
     acc = eval_student(str(run / "merged"), cfg, run / "eval")
-    return {"acc": acc, **weight_report(run, cfg.work / "none" / "traces.jsonl")}
+    return {"acc": acc, **weight_report(run, traces)}
 
 
 def weight_report(run: Path, traces: Path) -> dict[str, Any]:
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the table's, 20 for the zoo)")
     p.add_argument("--value-dtype", default="float64", help="released protocol: dtype of the perturbed copies")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="distill on the first N traces of the collection (default: all of them)")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = set(names) - set(VARIANTS)
@@ -158,21 +161,28 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
     # In the order given (the minibatch students, with per-example gradients every step, last by
     # default: a run cut short still has the cheap controls), cfg.workers students at a time.
+    overrides: dict[str, Any] = {"tag": tag, "value_dtype": args.value_dtype}
+    if args.n_train is not None and args.n_train < cfg.n_train:
+        # A prefix of the same collection (problems in collection order): fewer steps, same traces.
+        cfg.n_train = args.n_train
+        overrides["tag"] = f"{tag}-n{args.n_train}".strip("-")
+        overrides["traces"] = subset = cfg.work / "none" / f"traces.first{args.n_train}.jsonl"
+        lines = (cfg.work / "none" / "traces.jsonl").read_text().splitlines(keepends=True)[:args.n_train]
+        subset.write_text("".join(lines))
     jobs = [(n, s) for s in range(args.seeds) for n in names]
     with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as ex:
-        overrides = {"tag": tag, "value_dtype": args.value_dtype}
         futures = {ex.submit(train_and_score, cfg, n, s, overrides): (n, s) for n, s in jobs}
         results: dict[tuple[str, int], dict[str, Any]] = {}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             print(f"{futures[fut]}: {results[futures[fut]]['acc']:.3f}", flush=True)
             # A report after every student: a long run stopped early still leaves one.
-            report(args, argv, cfg, names, results)
+            report(args, argv, cfg, names, results, Path(overrides.get("traces", cfg.work / "none" / "traces.jsonl")))
     return 0
 
 
 def report(args: argparse.Namespace, argv: list[str] | None, cfg: TableConfig, names: list[str],
-           results: dict[tuple[str, int], dict[str, Any]]) -> None:
+           results: dict[tuple[str, int], dict[str, Any]], traces_file: Path) -> None:
     rows = {}
     for n in names:
         runs = [results[(n, s)] for s in range(args.seeds) if (n, s) in results]
@@ -187,7 +197,10 @@ def report(args: argparse.Namespace, argv: list[str] | None, cfg: TableConfig, n
               if k in ("teacher", "student", "task", "n_train", "n_test", "n_val", "n_val_traces", "rank", "lr",
                        "epochs", "batch_size", "grad_accum", "max_length", "rho", "val_every", "beta", "fd_eps",
                        "clip")}
-    traces = json.loads((cfg.work / "none" / "traces.jsonl.summary.json").read_text())
+    from distillgame.clients.attack.collect import read_records
+
+    records = read_records(traces_file).values()
+    traces = {"accuracy": sum(bool(r.get("correct")) for r in records) / max(1, len(records))}
     result = {"command": command, "seeds": args.seeds, "config": config, "trace_accuracy": traces["accuracy"],
               "variants": rows}
     B = cfg.batch_size
