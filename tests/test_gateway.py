@@ -4,25 +4,22 @@ Two layers. First, the middleware in front of a stand-in app that records the
 body it receives (fast, no engine): what is refused, what the body becomes,
 and the engine check's 503s. Then one real ``python -m
 vllm.entrypoints.openai.api_server`` process on the tiny pair with the
-middleware, driven with the ``openai`` SDK: a PoE tier's logprobs are the
-float64 reference's, no caller field changes the defense, prompt logprobs are
-refused, unknown keys are 401, and every route of vLLM's app that is not on
-the allowlist answers 404 in OpenAI's shape.
+middleware (``VllmServeProcess``), driven with the ``openai`` SDK: a PoE
+tier's logprobs are the float64 reference's, no caller field changes the
+defense, prompt logprobs are refused, unknown keys are 401, and every route of
+vLLM's app that is not on the allowlist answers 404 in OpenAI's shape.
 
-Not for: ``distillgame serve``'s own app (``test_server.py``, ``test_hardening.py``).
+Not for: the security suites both front ends run (``test_hardening.py`` and the
+leak tests of ``test_server.py``, parametrized over ``distillgame serve`` and
+``vllm serve``, the latter marked slow).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -33,7 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from conftest_server import free_port
+from conftest_server import VllmServeProcess, serving, vllm_app
 from distillgame.server.gateway import BODY_TIMEOUT_ENV, MAX_BODY_MB_ENV, ROUTES, DefensePolicy
 from distillgame.server.metrics import ServerMetrics
 from distillgame.server.policy import Policy, load_policy
@@ -316,63 +313,12 @@ def test_an_exception_below_is_a_500_in_openai_shape_without_its_text_in_the_log
 # ---- one real vLLM server with the middleware -------------------------------------------------
 
 
-@contextlib.contextmanager
-def _running_vllm(teacher: Path, proxy: Path, work: Path, defended: bool = True) -> Iterator[str]:
-    """``python -m vllm.entrypoints.openai.api_server`` with the policy middleware; yields its base URL.
-
-    ``defended=False`` leaves out the processor's config (as the old plain
-    ``vllm serve`` recipe did) but keeps the worker extension and processed logprobs.
-    """
-    (work / "policy.toml").write_text(POLICY)
-    port = free_port()
-    env = dict(
-        os.environ, DISTILLGAME_POLICY=str(work / "policy.toml"), VLLM_USE_V2_MODEL_RUNNER="0",
-        TOKENIZERS_PARALLELISM="false",
-        # vLLM's dev and RL routes exist only in this mode: the allowlist must refuse them too.
-        VLLM_SERVER_DEV_MODE="1",
-        # A fresh compile cache: inductor's shared one can hold kernels built for another CPU's ISA.
-        TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
-    )
-    defense = ["--additional-config", json.dumps({"distillgame": {"proxy": str(proxy)}})] if defended else []
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher),
-           "--served-model-name", "tiny-teacher", "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "256", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 << 20),
-           "--logprobs-mode", "processed_logprobs", "--no-async-scheduling", *defense,
-           "--worker-extension-cls", "distillgame.plugins.processor.DefenseWorkerExtension",
-           "--middleware", "distillgame.server.gateway.DefensePolicy",
-           "--host", "127.0.0.1", "--port", str(port)]
-    log = open(work / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited {proc.returncode}:\n{(work / 'serve.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError((work / "serve.log").read_text()[-4000:])
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tiny_pair, tmp_path_factory):
     teacher, proxy = tiny_pair
-    with _running_vllm(teacher, proxy, tmp_path_factory.mktemp("vllm-serve")) as base:
-        yield base, teacher, proxy
+    with serving(VllmServeProcess(tmp_path_factory.mktemp("vllm-serve"), teacher=teacher, proxy=proxy,
+                                  dev_mode=True)) as srv:
+        yield srv
 
 
 def _sdk(base: str, key: str = "sk-test-standard") -> openai.OpenAI:
@@ -394,7 +340,7 @@ def test_vllm_serve_poe_tier_releases_the_defended_distribution(vllm_server):
 
     from distillgame.plugins.reference import ReferenceModels
 
-    base, teacher, proxy = vllm_server
+    base, teacher, proxy = vllm_server.base_url, vllm_server.teacher, vllm_server.proxy
     torch.set_num_threads(1)
     reference = ReferenceModels(teacher, proxy)
     prompt = AutoTokenizer.from_pretrained(str(teacher))("Natalia sold clips to", add_special_tokens=False)["input_ids"]
@@ -417,7 +363,7 @@ def test_vllm_serve_poe_tier_releases_the_defended_distribution(vllm_server):
 
 
 def test_vllm_serve_caller_fields_cannot_change_the_defense(vllm_server):
-    base, _, _ = vllm_server
+    base = vllm_server.base_url
     client = _sdk(base)
     for extra in ({"vllm_xargs": {"distillgame_mode": "none"}}, {"vllm_xargs": {"distillgame_gamma": 0.0}},
                   {"extra_args": {"distillgame": {"mode": "none"}}}, {"logits_processors": ["a:B"]},
@@ -440,7 +386,7 @@ def test_vllm_serve_caller_fields_cannot_change_the_defense(vllm_server):
 
 def test_vllm_serve_grammar_masks_survive_the_mix(vllm_server):
     """A JSON-schema response under PoE: vLLM's grammar mask reaches the teacher logits before the mix."""
-    base, _, _ = vllm_server
+    base = vllm_server.base_url
     schema = {"type": "string", "enum": ["yes", "no"]}
     for seed in range(3):
         r = _sdk(base).chat.completions.create(
@@ -451,14 +397,9 @@ def test_vllm_serve_grammar_masks_survive_the_mix(vllm_server):
 
 def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server, monkeypatch):
     """Every route of vLLM's app (built in-process with the server's own flags) is refused unless allowlisted."""
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    base, teacher, _ = vllm_server
+    base = vllm_server.base_url
     monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
-    app = build_app(args, ("generate",))
+    app = vllm_app(vllm_server.teacher)
     routes: set[tuple[str, str]] = set()
     for route in app.routes:
         path = re.sub(r"\{[^}]+\}", "x", getattr(route, "path", ""))
@@ -483,69 +424,12 @@ def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server, monkeypat
     assert "distillgame_requests_total" in metrics and "vllm:" in metrics
 
 
-SCHEMATHESIS_CASES = 1000
-
-
-# About 3.5 minutes on two busy cores, mostly generating cases from vLLM's large request schemas.
-@pytest.mark.slow
-def test_vllm_serve_schemathesis_on_the_allowed_routes(vllm_server):
-    """>= 1000 requests generated from vLLM's own schema of the allowed routes: no 5xx, errors in OpenAI's shape."""
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    base, teacher, _ = vllm_server
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(teacher)])
-    spec = build_app(args, ("generate",)).openapi()
-    spec["paths"] = {path: ops for path, ops in spec["paths"].items() if path in ROUTES and path != "/metrics"}
-    operations = [op.ok() for op in schemathesis.openapi.from_dict(spec).get_all_operations()]
-    generating = [op for op in operations if op.method.upper() == "POST"]
-    assert {"POST /v1/completions", "POST /v1/chat/completions"} <= {op.label for op in generating}
-    per_post = SCHEMATHESIS_CASES // len(generating) + 1
-    counts: dict[str, dict[str, int]] = {}
-    failures: list[str] = []
-
-    def check(op, case) -> None:
-        tally = counts.setdefault(op.label, {})
-        # The capped tier (3 tokens, no logprobs) keeps every generated request cheap.
-        r = case.call(base_url=base, headers={"Authorization": "Bearer sk-test-capped"}, timeout=120)
-        cls = f"{r.status_code // 100}xx"
-        tally[cls] = tally.get(cls, 0) + 1
-        if r.status_code >= 500:
-            failures.append(f"{op.label} -> {r.status_code}: {case.body!r:.300} {r.text[:300]}")
-        elif r.status_code >= 400:
-            try:
-                body = r.json()
-                assert set(body) == {"error"} and {"message", "type"} <= set(body["error"]), body
-            except (AssertionError, ValueError) as exc:
-                failures.append(f"{op.label} -> {r.status_code} not in OpenAI's shape: {exc} {r.text[:200]}")
-
-    def runner(op, n: int):
-        @given(case=op.as_strategy())
-        @settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        def run(case) -> None:
-            check(op, case)
-
-        return run
-
-    for op in operations:
-        runner(op, per_post if op in generating else 10)()
-    total = sum(sum(t.values()) for t in counts.values())
-    summary = json.dumps({"total": total, "by_operation": counts}, sort_keys=True)
-    print(f"\nschemathesis on vllm serve: {summary}")
-    assert not failures, "\n".join(failures[:20])
-    assert total >= SCHEMATHESIS_CASES, summary
-    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
-
-
 @pytest.mark.slow
 def test_vllm_serve_without_the_defense_config_refuses_defended_tiers(tiny_pair, tmp_path):
     """Today's failure mode, `vllm serve` with no `distillgame` section, now answers 503 instead of the teacher."""
     teacher, proxy = tiny_pair
-    with _running_vllm(teacher, proxy, tmp_path, defended=False) as base:
+    with serving(VllmServeProcess(tmp_path, teacher=teacher, proxy=proxy, defended=False)) as srv:
+        base = srv.base_url
         for _ in range(2):
             with pytest.raises(openai.InternalServerError) as err:
                 _sdk(base).completions.create(model="tiny-teacher", prompt="hi", max_tokens=1)

@@ -1,13 +1,20 @@
-"""Hostile input and security against one real ``distillgame serve`` process.
+"""Hostile input and security against each front end: ``distillgame serve`` and ``vllm serve`` with the middleware.
 
-One server for the whole module (a real socket, the real engine on the
-embedded models), fed what an adversarial caller sends: prompts over the
-context, absurd ``max_tokens``/``n``, huge stop lists, invalid UTF-8 and
-control characters, wrong JSON types, a 10 MB body, a slow-loris body, and
-schemathesis-generated requests from the server's own OpenAPI schema. Every
-answer must be a 2xx or a 4xx in OpenAI's error shape (never a 5xx), and the
-server must keep serving. Security: 429 with Retry-After, no CORS, no key or
-prompt text in the logs.
+One server per front end for the whole module (a real socket, the real engine
+on the embedded models, the same test policy), fed what an adversarial caller
+sends: prompts over the context, absurd ``max_tokens``/``n``, huge stop lists,
+invalid UTF-8 and control characters, wrong JSON types, bodies that are not
+strict JSON, a 10 MB body, a slow-loris body, and schemathesis-generated
+requests (from ``distillgame serve``'s own OpenAPI schema; from vLLM's, on the
+routes and fields the middleware lets through). Every answer must be a 2xx or
+a 4xx in OpenAI's error shape (never a 5xx), and the server must keep serving.
+Security: 429 with Retry-After, no CORS, no key or prompt text in the logs.
+
+The ``vllm`` half is marked slow (``make test-slow``): it starts vLLM's own
+server, about two minutes on two busy cores. Where vLLM's app answers a
+request differently without a security consequence (it serves an unknown chat
+role, its error ``param`` is spelled ``body.x``), the ``distillgame`` detail is
+asserted only there.
 
 Not for: load, faults under concurrency or SIGTERM (``test_hardening_load.py``).
 """
@@ -23,24 +30,36 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest_server import LIMITED_KEY, ServerProcess, metric_sum
+from conftest_server import (
+    LIMITED_KEY,
+    FrontEnd,
+    ServerProcess,
+    VllmServeProcess,
+    assert_openai_error,
+    metric_sum,
+    run_schemathesis,
+    serving,
+    vllm_allowed_operations,
+)
 
 KEY = "sk-test-standard"
 CAPPED = "sk-test-capped"  # tier capped at 3 tokens: generated requests stay cheap
 MARKER = "zebra-quokka-7781 secret prompt text"
 BODY_TIMEOUT_S = 3.0
 SCHEMATHESIS_CASES = 1000
+GENERATED_2XX_SHARE = 0.05
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("harden"))
-    srv.start(["--body-timeout", str(BODY_TIMEOUT_S), "--max-body-mb", "4"])
-    try:
-        srv.wait_ready(timeout=400)
+@pytest.fixture(scope="module", params=["distillgame", pytest.param("vllm", marks=pytest.mark.slow)])
+def server(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp(f"harden-{request.param}")
+    if request.param == "distillgame":
+        srv: FrontEnd = ServerProcess(work)
+        args = ["--body-timeout", str(BODY_TIMEOUT_S), "--max-body-mb", "4"]
+    else:
+        srv, args = VllmServeProcess.embedded(work, body_timeout_s=BODY_TIMEOUT_S, max_body_mb=4), None
+    with serving(srv, args, timeout=400):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +69,7 @@ def http(server):
         yield c
 
 
-def _assert_openai_error(r: httpx.Response, status: int | None = None) -> dict:
-    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
-    if status is not None:
-        assert r.status_code == status, (r.status_code, r.text[:500])
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) >= {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    return err
-
-
-def _still_serving(server: ServerProcess) -> None:
+def _still_serving(server: FrontEnd) -> None:
     r = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {CAPPED}"},
                    json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=120)
     assert r.status_code == 200, r.text
@@ -101,14 +107,21 @@ def _still_serving(server: ServerProcess) -> None:
 ])
 def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, param):
     r = http.post("/v1/completions", json=body)
-    err = _assert_openai_error(r, 400)
-    assert param in (err["param"] or "") or param in err["message"], err
+    err = assert_openai_error(r, 400)
+    if server.kind == "distillgame":
+        # vLLM's own errors do not always say which field (an out-of-vocabulary id: param null).
+        assert param in (err["param"] or "") or param in err["message"], err
+
+
+# vLLM's app serves this (its chat template renders any role); ``distillgame serve``
+# refuses it. No defense is at stake: the answer is the tier's.
+SERVED_BY_VLLM = [{"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2}]
 
 
 @pytest.mark.parametrize("body", [
     {"messages": "hello"},
     {"messages": []},
-    {"messages": [{"role": "wizard", "content": "hi"}]},
+    *SERVED_BY_VLLM,
     {"messages": [{"role": "user", "content": 5}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1},
@@ -118,8 +131,12 @@ def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, p
     {"messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 0},  # vLLM: greedy needs n = 1
     {"messages": [{"role": "user", "content": "hi"}], "seed": -20557350380078397614021882675200},
 ])
-def test_hostile_chat_bodies_are_4xx_in_openai_shape(http, body):
-    _assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
+def test_hostile_chat_bodies_are_4xx_in_openai_shape(server, http, body):
+    r = http.post("/v1/chat/completions", json=body)
+    if server.kind == "vllm" and body in SERVED_BY_VLLM:
+        assert r.status_code == 200, r.text
+        return
+    assert_openai_error(r, 400)
 
 
 @pytest.mark.parametrize("raw,ctype", [
@@ -131,10 +148,14 @@ def test_hostile_chat_bodies_are_4xx_in_openai_shape(http, body):
     (b'prompt=hi&max_tokens=1', "application/x-www-form-urlencoded"),
     (b'\x00' * 1000, "application/octet-stream"),
     (b'', "application/json"),
+    (b'{"prompt": "hi", "max_tokens": 1, "temperature": NaN}', "application/json"),     # not JSON, but Python's
+    (b'{"prompt": "hi", "max_tokens": 1, "top_p": -Infinity}', "application/json"),
+    (b'{"prompt": "hi", "max_tokens": 1, "temperature": 1e999}', "application/json"),    # parses as inf
+    (b'{"prompt": ' + b'[' * 100_000 + b']' * 100_000 + b'}', "application/json"),       # deeper than the parser goes
 ])
 def test_malformed_bytes_are_400(http, raw, ctype):
     r = http.post("/v1/completions", content=raw, headers={"Content-Type": ctype})
-    _assert_openai_error(r, 400)
+    assert_openai_error(r, 400)
 
 
 def test_escaped_control_characters_and_odd_unicode_are_served(server, http):
@@ -150,24 +171,24 @@ def test_escaped_control_characters_and_odd_unicode_are_served(server, http):
                 b'{"prompt": "hi", "max_tokens": 1, "stop": ["\\ud800"]}',
                 b'{"prompt": "hi", "max_tokens": 1, "model": "\\ud800"}'):
         r = http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
-        _assert_openai_error(r)
+        assert_openai_error(r)
     raw = b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 1}'
     r = http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
-    _assert_openai_error(r, 400)
+    assert_openai_error(r, 400)
     _still_serving(server)
 
 
 def test_unknown_paths_and_methods_are_4xx_in_openai_shape(http):
-    _assert_openai_error(http.get("/v1/nothing-here"), 404)
-    _assert_openai_error(http.get("/v1/completions"), 405)
-    _assert_openai_error(http.delete("/v1/models"), 405)
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+    assert_openai_error(http.get("/v1/completions"), 405)
+    assert_openai_error(http.delete("/v1/models"), 405)
 
 
 def test_ten_megabyte_body_is_refused_early_with_413(server, http):
     body = json.dumps({"prompt": "x" * (10 << 20), "max_tokens": 1}).encode()
     t0 = time.monotonic()
     r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
-    err = _assert_openai_error(r, 413)
+    err = assert_openai_error(r, 413)
     assert err["code"] == "request_too_large"
     assert time.monotonic() - t0 < 10
     # Chunked (no Content-Length): counted as it arrives and cut off at the limit.
@@ -175,7 +196,7 @@ def test_ten_megabyte_body_is_refused_early_with_413(server, http):
         for _ in range(10):
             yield b"x" * (1 << 20)
     r = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
-    assert _assert_openai_error(r, 413)["code"] == "request_too_large"
+    assert assert_openai_error(r, 413)["code"] == "request_too_large"
     _still_serving(server)
 
 
@@ -226,7 +247,7 @@ def test_rate_limit_429_carries_retry_after(server):
         r = limited.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         statuses.append(r.status_code)
     assert statuses[:2] == [200, 200] and statuses[2] == 429, statuses
-    err = _assert_openai_error(r, 429)
+    err = assert_openai_error(r, 429)
     assert err["type"] == "rate_limit_error"
     retry = int(r.headers["Retry-After"])
     assert 1 <= retry <= 60, retry
@@ -267,59 +288,42 @@ def test_no_key_or_prompt_text_in_the_logs(server, http):
 # ---------------------------------------------------------------- schemathesis
 
 def test_schemathesis_generated_requests(server):
-    """>= 1000 generated requests across every operation of /openapi.json: no 5xx, 4xx in OpenAI's shape."""
+    """>= 1000 generated requests across the served operations: no 5xx, 4xx in OpenAI's shape, many reach the engine."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
 
-    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-    operations = [op.ok() for op in schema.get_all_operations()]
-    labels = sorted(op.label for op in operations)
-    assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"} <= set(labels)
-    generating = [op for op in operations if op.method.upper() == "POST"]
-    per_post = SCHEMATHESIS_CASES // len(generating) + 1
-    counts: dict[str, dict[str, int]] = {}
-    failures: list[str] = []
-
-    def check(op, case) -> None:
-        tally = counts.setdefault(op.label, {})
-        headers = {"Authorization": f"Bearer {CAPPED}"}
-        r = case.call(base_url=server.base_url, headers=headers, timeout=120)
-        cls = f"{r.status_code // 100}xx"
-        tally[cls] = tally.get(cls, 0) + 1
-        if r.status_code >= 500:
-            failures.append(f"{op.label} -> {r.status_code}: {case.body!r:.300} {r.text[:300]}")
-        elif r.status_code >= 400:
-            try:
-                _assert_openai_error(r)
-            except AssertionError as exc:
-                failures.append(f"{op.label} -> {r.status_code} not in OpenAI shape: {exc}")
-
-    def runner(op, n: int):
-        @given(case=op.as_strategy())
-        @settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        def run(case) -> None:
-            check(op, case)
-
-        return run
-
-    for op in operations:
-        runner(op, per_post if op in generating else 25)()
-    total = sum(sum(t.values()) for t in counts.values())
-    summary = json.dumps({"total": total, "by_operation": counts}, sort_keys=True)
+    if server.kind == "distillgame":
+        schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+        operations = [op.ok() for op in schema.get_all_operations()]
+        expected = {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"}
+    else:
+        # vLLM's own schema of the allowed routes; its /openapi.json is not one of them.
+        operations = vllm_allowed_operations(server.teacher, server.served_model_name)
+        expected = {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
+                    "POST /tokenize", "POST /detokenize"}
+    assert expected <= {op.label for op in operations}
+    run = run_schemathesis(operations, server.base_url, {"Authorization": f"Bearer {CAPPED}"},
+                           post_cases=SCHEMATHESIS_CASES, other_cases=25)
+    summary = run.summary(front_end=server.kind)
     Path(server.workdir / "schemathesis.json").write_text(summary)
-    print(f"\nschemathesis: {summary}")
-    assert not failures, "\n".join(failures[:20])
-    assert total >= SCHEMATHESIS_CASES, summary
-    # Generation actually reached the engine for a good share of them.
-    posts_ok = sum(counts.get(op.label, {}).get("2xx", 0) for op in generating)
-    assert posts_ok >= 50, summary
+    print(f"\nschemathesis on {server.kind}: {summary}")
+    assert not run.failures, "\n".join(run.failures[:20])
+    assert run.total >= SCHEMATHESIS_CASES, summary
+    # Generation actually reached the engine for a good share of the cases on each route.
+    for label in ("POST /v1/completions", "POST /v1/chat/completions"):
+        tally = run.counts[label]
+        assert tally.get("2xx", 0) >= GENERATED_2XX_SHARE * sum(tally.values()), summary
     _still_serving(server)
 
 
 def test_no_5xx_was_ever_answered_and_the_engine_never_restarted(server):
     text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    # Both front ends count generation requests in this family (the middleware for vLLM's server).
     assert metric_sum(text, "distillgame_requests_total", status="error") == 0
-    assert httpx.get(f"{server.base_url}/health", timeout=10).json()["restarts"] == 0
+    if server.kind == "distillgame":
+        assert httpx.get(f"{server.base_url}/health", timeout=10).json()["restarts"] == 0
+    else:
+        # vLLM's server exits when its engine fails: still up means it never did.
+        assert server.proc.poll() is None
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
     log = server.log_tail(400)
     assert "Traceback" not in log, log

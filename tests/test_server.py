@@ -4,6 +4,11 @@ One server for the whole module (engine start is about 30-60 s on two
 cores), driven like any OpenAI client would. Tests run in file order: the
 fault-injection test restarts the engine, the metrics test reads what all
 earlier traffic left, and the SIGTERM test stops the server last.
+
+The leak tests (caller fields cannot weaken the defense, tier caps, logprobs
+are the released PoE and ADS distributions, prompt logprobs refused) also run
+against ``vllm serve`` with the policy middleware on the same pair, policy and
+ADS gradient (``front_end``, the ``vllm`` half marked slow).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import openai
 import pytest
 import torch
 
-from conftest_server import LIMITED_KEY, ServerProcess, metric_sum, metric_value
+from conftest_server import LIMITED_KEY, FrontEnd, ServerProcess, VllmServeProcess, metric_sum, metric_value, serving
 
 GAMMA = 0.65  # the test policy's PoE weight for the "standard" tier
 ADS = {"mode": "ads", "lam": 0.1, "eps": 0.05}  # the "ads" tier below
@@ -34,6 +39,8 @@ PROMPT = [{"role": "user", "content": "Name three colours."}]
 # A rebuilt engine starts like the first one: allow both the same time (on a
 # loaded 2-core machine a start has taken over 240 s).
 ENGINE_START_S = 400
+# The leak tests run against both front ends; vLLM's own server takes minutes to start.
+FRONT_ENDS = ["distillgame", pytest.param("vllm", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,21 @@ def server(tmp_path_factory, ads_grad):
         srv.stop()
 
 
-def _client(server: ServerProcess, key: str = "sk-test-standard") -> openai.OpenAI:
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, ads_grad):
+    """vLLM's own server with the policy middleware, on the same pair, policy and ADS gradient."""
+    srv = VllmServeProcess.embedded(tmp_path_factory.mktemp("vllm-serve"), extra_policy=ADS_POLICY, ads_grad=ads_grad)
+    with serving(srv, timeout=ENGINE_START_S):
+        yield srv
+
+
+@pytest.fixture
+def front_end(request) -> FrontEnd:
+    """The server a leak test runs against: ``distillgame serve`` or ``vllm serve`` with the middleware."""
+    return request.getfixturevalue("server" if request.param == "distillgame" else "vllm_server")
+
+
+def _client(server: FrontEnd, key: str = "sk-test-standard") -> openai.OpenAI:
     # No retries: a test must see the first answer, not a retried one.
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=300)
 
@@ -206,7 +227,10 @@ def test_bad_input_raises_openai_error_classes(client, model):
         client.chat.completions.create(model="gpt-4o", messages=PROMPT, max_tokens=2)
 
 
-def test_body_fields_cannot_weaken_the_defense(client, model, reference):
+@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
+def test_body_fields_cannot_weaken_the_defense(front_end, reference):
+    client = _client(front_end)
+    model = client.models.list().data[0].id
     prompt = [1, 504, 3458, 314, 260]
     ids_before, tops_before, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=1)
     attempts = [
@@ -233,8 +257,10 @@ def test_body_fields_cannot_weaken_the_defense(client, model, reference):
     assert max(abs(v - teacher[t].item()) for t, v in tops_after[0].items()) > 1e-2
 
 
-def test_tier_caps_max_tokens_and_refuses_logprobs(server, model):
-    capped = _client(server, "sk-test-capped")
+@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
+def test_tier_caps_max_tokens_and_refuses_logprobs(front_end):
+    capped = _client(front_end, "sk-test-capped")
+    model = capped.models.list().data[0].id
     r = capped.completions.create(model=model, prompt="Once upon a time", max_tokens=50, temperature=0.0)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as err:
@@ -250,7 +276,10 @@ def test_rate_limit_is_429(server, model):
         limited.completions.create(model=model, prompt="hi", max_tokens=1)
 
 
-def test_logprobs_are_the_defended_distribution(server, client, model, reference, tokenizer):
+@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
+def test_logprobs_are_the_defended_distribution(front_end, reference, tokenizer):
+    client = _client(front_end)
+    model = client.models.list().data[0].id
     prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     defense = {"mode": "poe", "gamma": GAMMA}
     ids, tops, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=4, k=5)
@@ -269,15 +298,17 @@ def test_logprobs_are_the_defended_distribution(server, client, model, reference
     assert min_gap_teacher > 1e-2, min_gap_teacher
 
     # The "open" tier (mode none) gets the teacher itself: same path, different policy.
-    open_ids, open_tops, _ = _greedy_top_logprobs(_client(server, "sk-test-open"), model, prompt, max_tokens=1)
+    open_ids, open_tops, _ = _greedy_top_logprobs(_client(front_end, "sk-test-open"), model, prompt, max_tokens=1)
     teacher = reference.next_token_logprobs(prompt, {"mode": "none"})
     assert max(abs(v - teacher[t].item()) for t, v in open_tops[0].items()) < 1e-4
 
 
-def test_ads_tier_logprobs_are_the_ads_distribution(server, model, reference, tokenizer):
+@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
+def test_ads_tier_logprobs_are_the_ads_distribution(front_end, reference, tokenizer):
     prompt = tokenizer("Natalia sold clips to her friends", add_special_tokens=False)["input_ids"]
-    ads_client = _client(server, "sk-test-ads")
-    assert httpx.get(f"{server.base_url}/v1/defense",
+    ads_client = _client(front_end, "sk-test-ads")
+    model = ads_client.models.list().data[0].id
+    assert httpx.get(f"{front_end.base_url}/v1/defense",
                      headers={"Authorization": "Bearer sk-test-ads"}).json()["mode"] == "ads"
     ids, tops, _ = _greedy_top_logprobs(ads_client, model, prompt, max_tokens=3, k=5)
     worst, min_gap_teacher = 0.0, float("inf")
@@ -368,7 +399,10 @@ def test_chat_logprobs_have_openai_shape(client, model):
         client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, logprobs=True, top_logprobs=8)
 
 
-def test_prompt_logprobs_and_echo_with_logprobs_are_refused(client, model):
+@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
+def test_prompt_logprobs_and_echo_with_logprobs_are_refused(front_end):
+    client = _client(front_end)
+    model = client.models.list().data[0].id
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="hi", max_tokens=1, extra_body={"prompt_logprobs": 1})
     assert err.value.body["param"] == "prompt_logprobs"
