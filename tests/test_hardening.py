@@ -13,8 +13,8 @@ Security: 429 with Retry-After, no CORS, no key or prompt text in the logs.
 The ``vllm`` half is marked slow (``make test-slow``): it starts vLLM's own
 server, about two minutes on two busy cores. Where vLLM's app answers a
 request differently without a security consequence (it serves an unknown chat
-role, its error ``param`` is spelled ``body.x``), the ``distillgame`` detail is
-asserted only there.
+role, its errors do not always name the field, its ``/health`` has no
+``restarts``), the ``distillgame`` detail is asserted only there.
 
 Not for: load, faults under concurrency or SIGTERM (``test_hardening_load.py``).
 """
