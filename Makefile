@@ -37,8 +37,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=1200 -m slow tests
 
-# On a machine with CUDA: the engine equivalence and fail-closed tests on the
-# GPU path, then a short overhead run; one summary line per check (< 10 min).
+# On a machine with CUDA: the engine equivalence, fail-closed and host-sync
+# tests on the GPU path, then a short overhead run; one summary line per check
+# (< 10 min).
 gpu-check: $(STAMP)
 	$(BIN)/distillgame check --gpu
 
