@@ -45,6 +45,8 @@ def tiny_student(folder: Path) -> Path:
     return folder
 
 
+# About 6 minutes on 2 cores (a server, a collection per setting, five vLLM evaluations): make test-slow.
+@pytest.mark.slow
 def test_attack_table_smoke_writes_table1(tmp_path):
     out = tmp_path / "table"
     if zoo_ready():
