@@ -15,13 +15,17 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import httpx
 import pytest
 
-from conftest_server import ServerProcess
+from conftest_server import FrontEnd, ServerProcess, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -83,7 +87,7 @@ def _run(args: list[str], server: ServerProcess, timeout: float = 300) -> subpro
 
 def test_readme_is_short_and_names_the_two_commands():
     text = README.read_text()
-    assert len(text.splitlines()) < 150
+    assert len(text.splitlines()) < 200  # the quickstart and the `vllm serve` recipe
     assert "make serve" in text and "make test" in text
     assert "docs/supported-configurations.md" in text
 
@@ -161,3 +165,78 @@ def test_every_distillgame_command_in_the_docs_parses():
             parser.parse_args(args)
         except SystemExit as exc:
             pytest.fail(f"does not parse: {command} ({exc})")
+
+
+# ---------------------------------------------------------------- the `vllm serve` recipe, as written
+
+RECIPE_KEY = "sk-demo-standard"
+
+
+def _recipe() -> tuple[str, list[str]]:
+    """The README's `vllm serve` recipe block and the curl commands that use its key."""
+    blocks = [body for lang, body in code_blocks(README) if lang == "bash" and "--middleware" in body]
+    assert len(blocks) == 1, "the README has one `vllm serve` recipe"
+    curls = [c for c in readme_commands()["bash"] if c.startswith("curl") and RECIPE_KEY in c]
+    assert curls
+    return blocks[0], curls
+
+
+@dataclass
+class _ReadmeRecipe(FrontEnd):
+    """The README's recipe run by bash in its own folder (its policy.toml lands there), on a free port."""
+
+    kind: ClassVar[str] = "vllm"
+
+    def start(self, extra_args: list[str] | None = None) -> None:
+        script = self.workdir / "recipe.sh"
+        block, _ = _recipe()
+        script.write_text(block.replace(".venv/bin/python", sys.executable).replace("--port 8000", f"--port {self.port}"))
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(self.workdir / "inductor"))
+        self.log = open(self.log_file, "wb")
+        self.proc = subprocess.Popen(["bash", str(script)], cwd=self.workdir, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def stop(self, timeout: float = 90.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.killpg(self.proc.pid, signal.SIGTERM)  # bash and the server it started
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_readme_vllm_serve_recipe_runs_as_written_and_is_defended(tmp_path):
+    """The recipe, pasted into bash: its curl answers, with the PoE tier's logprobs, and no key is a 401."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distillgame import models
+    from distillgame.plugins.reference import ReferenceModels
+
+    _, curls = _recipe()
+    with serving(_ReadmeRecipe(tmp_path), timeout=900) as server:
+        policy = (tmp_path / "policy.toml").read_text()
+        gamma = float(re.search(r"gamma = ([0-9.]+)", policy).group(1))
+        for command in curls:
+            result = subprocess.run(["bash", "-c", command.replace(DEFAULT_URL, server.base_url)],
+                                    capture_output=True, text=True, timeout=300)
+            body = json.loads(result.stdout)
+            assert "error" not in body, body
+            first = body["choices"][0]["logprobs"]["top_logprobs"][0]
+        headers = {"Authorization": f"Bearer {RECIPE_KEY}"}
+        assert httpx.get(f"{server.base_url}/v1/defense", headers=headers).json()["mode"] == "poe"
+        assert httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 401
+    # The first position's top logprobs depend on the prompt only: the PoE reference's, not the teacher's.
+    teacher, proxy = models.resolve(None, "teacher"), models.resolve(None, "proxy")
+    torch.set_num_threads(1)
+    reference = ReferenceModels(teacher, proxy)
+    prompt = json.loads(re.search(r"-d '(.*)'", curls[-1]).group(1))["prompt"]
+    ids = AutoTokenizer.from_pretrained(teacher)(prompt, add_special_tokens=False)["input_ids"]
+    got = sorted(first.values(), reverse=True)
+    defended = reference.next_token_logprobs(ids, {"mode": "poe", "gamma": gamma}).topk(len(got)).values.tolist()
+    undefended = reference.next_token_logprobs(ids, {"mode": "none"}).topk(len(got)).values.tolist()
+    assert max(abs(a - b) for a, b in zip(got, defended)) < 1e-4, (got, defended)
+    assert max(abs(a - b) for a, b in zip(got, undefended)) > 1e-2, (got, undefended)
