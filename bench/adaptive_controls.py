@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the table's, 20 for the zoo)")
     p.add_argument("--value-dtype", default="float64", help="released protocol: dtype of the perturbed copies")
+    p.add_argument("--n-test", type=int, default=None, help="test problems per student (default: the table's, 500)")
     p.add_argument("--n-train", type=int, default=None,
                    help="distill on the first N traces of the collection (default: all of them)")
     args = p.parse_args(argv)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"{tag}-beta{args.beta:g}".strip("-")
     if args.workers:
         cfg.workers = args.workers
+    if args.n_test:
+        cfg.n_test = args.n_test
     if args.epochs is not None and args.epochs != cfg.epochs:
         cfg.epochs = args.epochs
         tag = f"{tag}-epochs{args.epochs:g}".strip("-")

@@ -145,7 +145,7 @@ def test_policy_gives_each_setting_its_own_key_and_defense(tmp_path):
 
 
 def test_mean_sem_and_frontier_png(tmp_path):
-    from distillgame.clients.attack.table import draw_frontier, mean_sem
+    from distillgame.clients.attack.table import draw_attackers, draw_frontier, mean_sem
 
     m = mean_sem([0.5, 0.6, 0.7])
     assert m["n"] == 3 and abs(m["mean"] - 0.6) < 1e-12 and abs(m["sem"] - 0.1 / 3**0.5) < 1e-12
@@ -159,6 +159,10 @@ def test_mean_sem_and_frontier_png(tmp_path):
     ]
     draw_frontier(tmp_path / "frontier.png", rows)
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in rows:
+        r["label"] = r["defense"]["mode"]
+    draw_attackers(tmp_path / "table1.png", rows)
+    assert (tmp_path / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")

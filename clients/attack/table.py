@@ -540,6 +540,35 @@ def draw_frontier(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def draw_attackers(path: Path, rows: list[dict]) -> None:
+    """Table 1 as a picture: per teacher setting, every attacker's student accuracy (mean ± s.e.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows[0]["attackers"]) if rows else []
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows) * max(1, len(names)) / 4, 4))
+    for i, name in enumerate(names):
+        x = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        y = [100 * r["attackers"][name]["mean"] for r in rows]
+        e = [100 * r["attackers"][name]["sem"] for r in rows]
+        ax.bar(x, y, width, yerr=e, capsize=2, label=name)
+    for j, r in enumerate(rows):  # the strongest attacker of each setting, marked above its bar
+        k = names.index(r["strongest"])
+        ax.annotate("★", (j + (k - (len(names) - 1) / 2) * width, 100 * r["attackers"][r["strongest"]]["mean"]),
+                    ha="center", va="bottom", xytext=(0, 6), textcoords="offset points")
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    ax.set_ylabel("student test accuracy (%)  → leakage")
+    ax.set_title("Table 1: every attacker per teacher setting (★ strongest)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def run_table(cfg: TableConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.work.mkdir(parents=True, exist_ok=True)
@@ -600,7 +629,9 @@ def run_table(cfg: TableConfig) -> dict:
     table = {**result, "rows": main}
     (cfg.out / "table1.json").write_text(json.dumps(table, indent=2))
     write_markdown(cfg.out / "table1.md", table)
-    out = {"markdown": str(cfg.out / "table1.md"), "json": str(cfg.out / "table1.json"), **table}
+    draw_attackers(cfg.out / "table1.png", main)
+    out = {"markdown": str(cfg.out / "table1.md"), "json": str(cfg.out / "table1.json"),
+           "png": str(cfg.out / "table1.png"), **table}
     if cfg.sweep:
         (cfg.out / "frontier.json").write_text(json.dumps(result, indent=2))
         draw_frontier(cfg.out / "frontier.png", rows)
