@@ -82,3 +82,62 @@ def make_llama(
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+THINK_START, THINK_END = "<think>", "</think>"
+# DeepSeek-R1's template opens the think block in the generation prompt; the model closes it.
+THINKING_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    f"{{% if add_generation_prompt %}}<|im_start|>assistant\n{THINK_START}\n{{% endif %}}"
+)
+
+
+def make_thinking_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`make_tokenizer` plus ``<think>`` and ``</think>``, with R1's generation prompt.
+
+    Plain added tokens, not special ones: vLLM's ``deepseek_r1`` reasoning
+    parser splits the decoded text, and decoding drops special tokens.
+    """
+    tok = make_tokenizer()
+    tok.add_tokens([THINK_START, THINK_END])
+    tok.chat_template = THINKING_CHAT_TEMPLATE
+    return tok
+
+
+def steer_to_close_thinking(folder: Path, tokenizer: PreTrainedTokenizerFast, *, alpha: float = 3.0,
+                            beta: float = 1.25, seed: int = 0) -> None:
+    """Rewrite the random Llama in ``folder`` so that it closes its think block often, and writes ASCII.
+
+    A random model samples ``</think>`` about once in 386 tokens. Adding
+    ``alpha * u`` (``u`` a fixed unit vector) to every embedding row puts
+    ``u`` in the residual stream at every position; the ``</think>`` row of
+    the LM head becomes ``beta * u``, so its logit sits a few nats above the
+    rest whatever the context. The same ``u`` and values on teacher and proxy
+    keep the PoE mix steered too: with the defaults, the tiny pair's PoE mix
+    at gamma 0.65 gives ``</think>`` about 0.18 per token (measured with
+    transformers over sampled continuations). ``<think>`` and the byte tokens
+    that are no UTF-8 text on their own get ``-4 * beta * u``: never sampled
+    in practice, so the released tokens' texts concatenate exactly to the
+    decoded output.
+    """
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    u /= u.norm()
+    start, end = tokenizer.convert_tokens_to_ids([THINK_START, THINK_END])
+    not_text = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.get_input_embeddings().weight += alpha * u
+        head = model.get_output_embeddings().weight
+        head[end] = beta * u
+        head[[start, *not_text]] = -4 * beta * u
+    model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def make_thinking_pair(root: Path) -> tuple[Path, Path]:
+    """A teacher and proxy shaped like the tiny pair, on the thinking tokenizer, steered to close their think blocks."""
+    tok = make_thinking_tokenizer()
+    teacher = make_llama(root / "teacher", tok, layers=3, seed=0)
+    proxy = make_llama(root / "proxy", tok, layers=1, seed=1, vocab_pad=40)
+    for folder in (teacher, proxy):
+        steer_to_close_thinking(folder, tok)
+    return teacher, proxy
