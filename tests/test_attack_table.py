@@ -205,3 +205,37 @@ def test_server_child_dies_when_the_table_process_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the server child outlived its killed parent")
+
+
+def test_a_filter_that_drops_nothing_is_passive_bit_for_bit_and_is_not_trained_again(tmp_path):
+    """The table reuses passive's students for a filter that keeps every trace; that is only sound if the two
+    students are the same bit for bit, which this trains and checks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from distillgame.clients.attack.distill import DistillConfig, distill
+    from distillgame.clients.attack.table import ATTACKERS, Setting, TableConfig, filters_drop_nothing
+    from test_attack_values import CLEAN, REPEAT, write_traces
+    from tiny_models import make_llama, make_tokenizer
+
+    student = make_llama(tmp_path / "student", make_tokenizer(), hidden=64, heads=1, seed=1)
+    clean, dirty = Setting("clean", {"mode": "none"}), Setting("dirty", {"mode": "none"})
+    for setting, completions in ((clean, CLEAN), (dirty, CLEAN + [REPEAT])):
+        (tmp_path / setting.name).mkdir()
+        write_traces(tmp_path / setting.name / "traces.jsonl", completions)
+    cfg = TableConfig(out=tmp_path, work=tmp_path, student=str(student), max_length=96)
+    assert filters_drop_nothing(cfg, clean, "filter-degenerate") and filters_drop_nothing(cfg, clean, "filter-correct")
+    assert not filters_drop_nothing(cfg, dirty, "filter-degenerate")  # drops the repeated-token trace
+    assert not any(filters_drop_nothing(cfg, clean, a) for a in ("passive", "adaptive-released", "adaptive-minibatch"))
+
+    adapters = {}
+    for name in ("passive", "filter-degenerate"):
+        out = tmp_path / name
+        distill(DistillConfig(student=str(student), out=out, rank=4, lr=1e-2, epochs=2, batch_size=3, grad_accum=1,
+                              max_length=96, seed=3, save_merged=False, **ATTACKERS[name]),
+                tmp_path / "clean" / "traces.jsonl")
+        adapters[name] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapters["passive"].keys() == adapters["filter-degenerate"].keys()
+    assert all(torch.equal(adapters["passive"][k], adapters["filter-degenerate"][k]) for k in adapters["passive"])
+    # and training moved them: an untrained LoRA would make the check above vacuous
+    assert any(float(v.abs().max()) > 0 for k, v in adapters["passive"].items() if "lora_B" in k)

@@ -424,7 +424,11 @@ def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str
     # The minibatch-adaptive students are the slow ones (per-example gradients): start them first.
     slow_first = sorted(cfg.attackers, key=lambda a: ATTACKERS[a].get("weighting") != "minibatch"
                         or ATTACKERS[a]["mode"] != "adaptive")
-    cells = [(s, a, seed) for a in slow_first for s in settings for seed in range(cfg.seeds)]
+    as_passive = {(s.name, a) for s in settings for a in cfg.attackers if filters_drop_nothing(cfg, s, a)}
+    for name, a in sorted(as_passive):
+        log.info("%s %s: its filters drop no trace, so its students are passive's (not trained again)", name, a)
+    cells = [(s, a, seed) for a in slow_first for s in settings for seed in range(cfg.seeds)
+             if (s.name, a) not in as_passive]
     out: dict[str, dict[str, list[Any]]] = {s.name: {a: [None] * cfg.seeds for a in cfg.attackers} for s in settings}
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(train_and_score, cfg, s, a, seed): (s, a, seed) for s, a, seed in cells}
@@ -432,7 +436,28 @@ def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str
             s, a, seed = futures[fut]
             out[s.name][a][seed] = fut.result()
             log.info("%s %s seed %d: accuracy %.3f", s.name, a, seed, out[s.name][a][seed]["acc"])
+    for name, a in as_passive:
+        out[name][a] = [{**cell, "dropped": 0, "as_passive": True} for cell in out[name]["passive"]]
     return out  # type: ignore[return-value]
+
+
+def filters_drop_nothing(cfg: TableConfig, setting: Setting, attacker: str) -> bool:
+    """Whether ``attacker`` only filters and its filters keep every trace of ``setting``.
+
+    Such a student trains on passive's examples, in passive's order, from
+    passive's seed: it is passive's student bit for bit (tested), so the table
+    reuses passive's cells for it instead of training it again.
+    """
+    spec = ATTACKERS[attacker]
+    if spec.get("mode") != "passive" or not spec.get("filters"):
+        return False
+    from transformers import AutoTokenizer
+
+    from .distill import load_traces
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    _, dropped = load_traces(cfg.work / setting.name / "traces.jsonl", tokenizer, cfg.max_length, spec["filters"])
+    return not any(dropped.values())
 
 
 def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -444,7 +469,8 @@ def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any
     ``adaptive_acc`` and ``rel_gain`` (adaptive / passive - 1).
     """
     attackers = {
-        a: {**mean_sem([c["acc"] for c in runs]), "dropped": max(c["dropped"] for c in runs)}
+        a: {**mean_sem([c["acc"] for c in runs]), "dropped": max(c["dropped"] for c in runs),
+            **({"as_passive": True} if all(c.get("as_passive") for c in runs) else {})}
         for a, runs in cells.items()
     }
     candidates = [a for a in attackers if a not in CONTROLS]
@@ -492,7 +518,7 @@ def write_markdown(path: Path, result: dict) -> None:
              "| Teacher | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for r in result["rows"]:
         cells = [f"{_pct(r['attackers'][a])}" + (f" (-{r['attackers'][a]['dropped']})" if r["attackers"][a]["dropped"]
-                 else "") for a in names]
+                 else " (= passive: 0 dropped)" if r["attackers"][a].get("as_passive") else "") for a in names]
         rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
              "Adaptive = the better of the two adaptive protocols (minibatch: eq. 3 tilted per minibatch; released: "
