@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("table", help="the whole protocol: Table 1 (and --sweep: the frontier PNG)")
     t.add_argument("--config", type=Path, default=None, help="YAML/JSON TableConfig (flags override it)")
-    t.add_argument("--out", type=Path, required=True, help="folder for table1.md/json and frontier.png")
+    t.add_argument("--out", type=Path, required=True, help="folder for table1.md/json/png and frontier.png")
     t.add_argument("--work", type=Path, default=None, help="traces, students, evaluations (default: OUT/runs)")
     t.add_argument("--teacher", default=None, help='teacher folder (default: bench/zoo/teacher; "default": embedded)')
     t.add_argument("--proxy", default=None, help='proxy folder (default: bench/zoo/proxy; "default": embedded)')

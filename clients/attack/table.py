@@ -11,7 +11,7 @@ For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
    same traces, for each of S seeds (same data order, seed and steps);
 3. score every student on the test split with ``distillgame eval``;
 
-then write ``table1.md``, ``table1.json`` (per row: ``attackers: {NAME: {mean,
+then write ``table1.md``, ``table1.png`` (every attacker per setting), ``table1.json`` (per row: ``attackers: {NAME: {mean,
 sem, n, dropped}}``, the ``strongest`` attacker, ``passive_acc``,
 ``adaptive_acc`` = the better adaptive protocol, ``rel_gain``, ``time_cost``;
 ``student_base_acc``, the exact ``command`` and the configuration) and, with
@@ -120,7 +120,7 @@ def parse_settings(spec: str) -> list[Setting]:
 
 @dataclass
 class TableConfig:
-    out: Path  # table1.md, table1.json, frontier.png
+    out: Path  # table1.md, table1.json, table1.png, frontier.png
     work: Path | None = None  # traces, students, evaluations (default: out/runs)
     teacher: str | None = str(ZOO / "teacher")  # None: the server's embedded default
     proxy: str | None = str(ZOO / "proxy")
