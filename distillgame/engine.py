@@ -11,11 +11,14 @@ Not for: serving or HTTP (see ``distillgame.server``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillgame import models
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_environment() -> None:
@@ -49,6 +52,11 @@ class EngineConfig:
     disable_log_stats: bool = True
     fault_file: str | None = None
     extra_defense: dict[str, Any] = field(default_factory=dict)
+    # Where PoE's proxy runs: "vllm" (one vLLM model with the teacher, its KV
+    # in the engine's paged cache: distillgame.plugins.paged_proxy),
+    # "transformers" (beside the engine, dense KV per slot), or "auto": vllm
+    # where vLLM has a model class for the proxy's architecture.
+    proxy_runner: str = "auto"
     # Any other vLLM engine argument, applied last (e.g. enable_chunked_prefill).
     # Settings the defense does not run under (speculative_config,
     # async_scheduling=True, enable_prompt_embeds) make the engine refuse to start.
@@ -87,6 +95,9 @@ class EngineConfig:
             # async scheduling fills with placeholders (see plugins.processor.check_engine).
             async_scheduling=False,
         )
+        overrides = self.hf_overrides()
+        if overrides:
+            kwargs["hf_overrides"] = overrides
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
         if self.kv_cache_bytes is not None:
@@ -102,6 +113,27 @@ class EngineConfig:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(self.engine_overrides)
         return kwargs
+
+
+    def hf_overrides(self) -> dict[str, Any] | None:
+        """The engine's ``hf_overrides`` for :attr:`proxy_runner` (None: the teacher's own class)."""
+        if self.proxy_runner not in ("auto", "vllm", "transformers"):
+            raise ValueError(f"proxy_runner must be 'auto', 'vllm' or 'transformers', not {self.proxy_runner!r}")
+        if self.proxy_runner == "transformers":
+            return None
+        from transformers import AutoConfig
+
+        from distillgame.plugins import paged_proxy
+
+        proxy = AutoConfig.from_pretrained(models.resolve(self.proxy, "proxy"))
+        reason = paged_proxy.unsupported_reason(getattr(proxy, "architectures", None))
+        if reason is not None:
+            if self.proxy_runner == "vllm":
+                raise ValueError(f"proxy_runner 'vllm': the proxy cannot run on vLLM's layers: {reason}")
+            logger.info("the proxy runs on transformers beside the engine: %s", reason)
+            return None
+        teacher = AutoConfig.from_pretrained(models.resolve(self.teacher, "teacher"))
+        return paged_proxy.hf_overrides(teacher.architectures)
 
 
 class DefenseNotLive(RuntimeError):

@@ -61,6 +61,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
+from distillgame.plugins import paged_proxy
 from distillgame.plugins.ads_grad import load_gradient, perturbed_copy
 from distillgame.plugins.ads_jvp import JvpProxyRunner, unsupported_reason
 from distillgame.plugins.mixing import (
@@ -282,19 +283,30 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
 
         tokenizer_size = check_same_tokenizer(model_config.tokenizer, self.settings.proxy)
         dtype = _DTYPES[self.settings.dtype] if self.settings.dtype else model_config.dtype
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        logger.info("loading proxy %s (%s) for the defense", self.settings.proxy, dtype)
-        proxy = AutoModelForCausalLM.from_pretrained(self.settings.proxy, dtype=dtype).to(self.device).eval()
-        self.proxy_model = proxy
-        self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.cache_len)
+        # Paged: the engine's model runs the proxy on vLLM's layers and KV cache
+        # (distillgame.plugins.paged_proxy) and hands its logits over each step.
+        self.paged = paged_proxy.is_paged(vllm_config)
+        proxy_config = AutoConfig.from_pretrained(self.settings.proxy)
+        proxy_vocab = proxy_config.get_text_config().vocab_size
         teacher_vocab = model_config.get_vocab_size()
-        check_proxy_coverage(proxy.config, model_config.max_model_len, tokenizer_size, self.proxy.vocab_size)
-        self.vocab = min(teacher_vocab, self.proxy.vocab_size)
-        self.ads_grad = load_gradient(self.settings.ads_grad, proxy) if self.settings.ads_grad else None
+        check_proxy_coverage(proxy_config, model_config.max_model_len, tokenizer_size, proxy_vocab)
+        self.vocab = min(teacher_vocab, proxy_vocab)
+        self.proxy: ProxyRunner | None = None
+        self.proxy_model: torch.nn.Module | None = None
+        if not self.paged or self.settings.ads_grad:
+            # The transformers proxy: PoE's runner off the paged path, and ADS's
+            # perturbed copies or tangents on either (vLLM's kernels carry no tangents).
+            logger.info("loading proxy %s (%s, transformers) for the defense", self.settings.proxy, dtype)
+            proxy = AutoModelForCausalLM.from_pretrained(self.settings.proxy, dtype=dtype).to(self.device).eval()
+            self.proxy_model = proxy
+            if not self.paged:
+                self.proxy = ProxyRunner(proxy, self.num_slots, self.device, self.cache_len)
+        self.ads_grad = load_gradient(self.settings.ads_grad, self.proxy_model) if self.settings.ads_grad else None
         self.ads_pairs: dict[float, _AdsPair] = {}
         self.ads_jvp: JvpProxyRunner | None = None
-        self.ads_method = self._choose_ads_method(proxy)
+        self.ads_method = self._choose_ads_method(self.proxy_model)
 
         n_modes = len(MODES)
         self.kl_sum = torch.zeros(n_modes, dtype=torch.float64, device=self.device)
@@ -310,14 +322,14 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         self.staging = Staging(self.device, pin=bool(is_pin_memory) and self.device.type == "cuda")
         self.audit = SyncAudit(self.device) if self.settings.sync_audit else None
         logger.info(
-            "defense ready: proxy vocab %d, teacher vocab %d, %d slots, proxy KV cache %.2f GiB "
-            "(%d positions per slot; ADS adds twice that, per eps in use for fd), ADS %s",
-            self.proxy.vocab_size,
+            "defense ready: proxy vocab %d, teacher vocab %d, %d slots, PoE proxy %s, ADS %s",
+            proxy_vocab,
             teacher_vocab,
             self.num_slots,
-            self.proxy.cache.memory_bytes() / (1 << 30),
-            self.cache_len,
-            f"on ({self.ads_method})" if self.ads_grad is not None else "off",
+            "on vLLM's layers, its KV in the engine's paged cache" if self.paged else
+            f"on transformers, KV cache {self.proxy.cache.memory_bytes() / (1 << 30):.2f} GiB "
+            f"({self.cache_len} positions per slot)",
+            f"on ({self.ads_method}, transformers)" if self.ads_grad is not None else "off",
         )
 
     def _choose_ads_method(self, proxy: torch.nn.Module) -> str:
@@ -420,7 +432,8 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
                                  "reached the defense; refusing to mix without the proxy's context")
             slot = self.free_slots.pop()
             if defense.mode == "poe":
-                runners: tuple[Any, ...] = (self.proxy,)
+                # Paged: the engine's model already runs the proxy on every row.
+                runners: tuple[Any, ...] = () if self.paged else (self.proxy,)
             elif self.ads_method == "jvp":
                 runners = (self._ads_runner(),)
             else:
@@ -504,10 +517,17 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             row.fed += len(new)
 
         vocab = self.vocab
+        if self.paged:
+            paged = self._paged_channel().take(logits.shape[0])
         teacher = torch.log_softmax(logits[index_t, :vocab].float(), dim=-1)
         mixed = torch.empty_like(teacher)
         if poe:
-            proxy = self._answers(outputs, rows, poe, role=0)
+            if self.paged:
+                proxy = torch.log_softmax(paged[index_t[poe_t], :vocab].float(), dim=-1)
+                torch._assert_async(torch.isfinite(proxy).all(),
+                                    "the defense's proxy returned NaN or inf; refusing to release this step")
+            else:
+                proxy = self._answers(outputs, rows, poe, role=0)
             mixed[poe_t] = poe_mix(teacher[poe_t], proxy, gamma)
         if ads:
             first = self._answers(outputs, rows, ads, role=0)
@@ -534,6 +554,12 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         for row in rows:
             row.sampled_at = len(row.output)
         return logits
+
+    def _paged_channel(self) -> paged_proxy.ProxyLogits:
+        found = paged_proxy.channel(self.vllm_config)
+        if found is None:
+            raise RuntimeError("the engine's model is not the defended model that computes the proxy's logits")
+        return found
 
     def _answers(self, outputs: dict[int, tuple[torch.Tensor, list[int]]], rows: list[_Row], positions: list[int],
                  role: int) -> torch.Tensor:
@@ -570,7 +596,8 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     def proxy_cache_bytes(self) -> int:
         if not self.active:
             return 0
-        runners = [self.proxy] + [r for p in self.ads_pairs.values() for r in (p.plus, p.minus)]
+        runners = [self.proxy] if self.proxy is not None else []
+        runners += [r for p in self.ads_pairs.values() for r in (p.plus, p.minus)]
         runners += [self.ads_jvp] if self.ads_jvp is not None else []
         return sum(r.cache.memory_bytes() for r in runners)
 

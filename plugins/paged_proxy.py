@@ -1,0 +1,210 @@
+"""The proxy as a vLLM model: the teacher's own paged KV cache, kernels and memory profiler.
+
+A defended engine normally runs the proxy beside vLLM, as a transformers
+module with a dense KV cache per slot (:mod:`distillgame.plugins.proxy_runner`).
+With this module the engine loads :class:`DefendedForCausalLM` instead of the
+teacher's class: one vLLM model that holds two vLLM models, the teacher and
+the proxy, built the way vLLM builds a speculative-decoding draft model
+(``vllm/v1/spec_decode/draft_model.py``: the same ``VllmConfig`` with the
+proxy's ``ModelConfig``, its own layer-name prefix). So:
+
+- every proxy attention layer is a vLLM ``Attention`` layer registered in the
+  engine's forward context, which gives it a KV cache spec next to the
+  teacher's (``GPUModelRunner.get_kv_cache_spec``). Both are full attention,
+  so the KV cache manager puts them in one group (``UniformTypeKVCacheSpecs``)
+  and they share the teacher's block tables: a request's proxy context is the
+  teacher's, through prefix caching and preemption, and the proxy's KV memory
+  is allocated, counted and freed by vLLM per block of live tokens;
+- one engine step runs the teacher and the proxy over the same scheduled
+  tokens (``forward``) and returns their final hidden states side by side; the
+  runner picks the rows it samples (``hidden_states[logits_indices]``) and
+  calls :meth:`DefendedForCausalLM.compute_logits`, which returns the
+  teacher's logits and leaves the proxy's, for the same rows, in a
+  :class:`ProxyLogits` for the defense's logits processor to mix. The proxy
+  runs on every scheduled token (defended or not): its cache has to hold
+  every request's context, as vLLM fills caches per step, not per request.
+
+The engine selects it through ``hf_overrides`` (what
+:func:`hf_overrides` returns; :mod:`distillgame.engine` sets it, and
+``vllm serve`` takes it as ``--hf-overrides``): ``architectures`` names this
+class, registered with vLLM's model registry by the ``vllm.general_plugins``
+entry point (:func:`register`), and ``distillgame_architectures`` keeps the
+teacher's own.
+
+Not for: the mixing (:mod:`distillgame.plugins.processor`,
+:mod:`distillgame.plugins.mixing`), or ADS's perturbed proxies and tangents,
+which vLLM's attention kernels cannot carry (they stay on the transformers
+runner).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "DistillgameDefendedForCausalLM"
+# hf_config attribute holding the teacher's own architectures under hf_overrides.
+TEACHER_ARCHITECTURES = "distillgame_architectures"
+PROXY_PREFIX = "distillgame_proxy"
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: make :data:`ARCHITECTURE` loadable by every vLLM process."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:DefendedForCausalLM")
+
+
+def hf_overrides(teacher_architectures: list[str]) -> dict[str, Any]:
+    """The ``hf_overrides`` that load the teacher and the proxy as one vLLM model."""
+    return {"architectures": [ARCHITECTURE], TEACHER_ARCHITECTURES: list(teacher_architectures)}
+
+
+def unsupported_reason(proxy_architectures: list[str] | None) -> str | None:
+    """Why vLLM cannot run a proxy of these architectures as one of its models, or None if it can."""
+    from vllm import ModelRegistry
+
+    if not proxy_architectures:
+        return "its config names no architecture"
+    supported = ModelRegistry.get_supported_archs()
+    if not any(a in supported and a != ARCHITECTURE for a in proxy_architectures):
+        return f"vLLM has no model class for {proxy_architectures}"
+    return None
+
+
+def is_paged(vllm_config: "VllmConfig") -> bool:
+    """Whether this engine runs the proxy as a vLLM model (its architecture is :data:`ARCHITECTURE`)."""
+    hf_config = getattr(vllm_config.model_config, "hf_config", None)
+    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+
+class ProxyLogits:
+    """The proxy's logits for the rows of the step being sampled, handed from the model to the processor.
+
+    :meth:`put` runs in ``compute_logits``, :meth:`take` in the logits
+    processor's ``apply`` of the same step (vLLM computes prompt logprobs
+    only after sampling). A take empties it, and a take that finds nothing, or
+    rows that are not the step's, raises: the step fails rather than mix
+    another step's proxy into it.
+    """
+
+    def __init__(self) -> None:
+        self._logits: torch.Tensor | None = None
+
+    def put(self, logits: torch.Tensor) -> None:
+        self._logits = logits
+
+    def take(self, rows: int) -> torch.Tensor:
+        logits, self._logits = self._logits, None
+        if logits is None:
+            raise RuntimeError("the engine computed no proxy logits for this step; refusing to release it")
+        if logits.shape[0] != rows:
+            raise RuntimeError(f"the proxy's logits have {logits.shape[0]} rows for a step sampling {rows}; "
+                               "refusing to release it")
+        return logits
+
+
+# One per engine (keyed by its VllmConfig): the processor finds its model's channel here.
+_CHANNELS: dict[int, ProxyLogits] = {}
+
+
+def channel(vllm_config: "VllmConfig") -> ProxyLogits | None:
+    return _CHANNELS.get(id(vllm_config))
+
+
+def proxy_model_config(vllm_config: "VllmConfig", proxy: str, dtype: str | None) -> Any:
+    """The proxy's ``ModelConfig``: the teacher's tokenizer and limits, the proxy's weights (as for a draft model)."""
+    from vllm.config import ModelConfig
+
+    target = vllm_config.model_config
+    return ModelConfig(
+        model=proxy,
+        tokenizer=target.tokenizer,
+        tokenizer_mode=target.tokenizer_mode,
+        trust_remote_code=target.trust_remote_code,
+        dtype=dtype or target.dtype,
+        seed=target.seed,
+        max_model_len=target.max_model_len,
+        enforce_eager=target.enforce_eager,
+        max_logprobs=target.max_logprobs,
+    )
+
+
+class DefendedForCausalLM(nn.Module):
+    """The teacher and the proxy as one vLLM model; see the module docstring."""
+
+    def __init__(self, *, vllm_config: "VllmConfig", prefix: str = "") -> None:
+        super().__init__()
+        from vllm.compilation.backends import set_model_tag
+        from vllm.config.utils import replace
+        from vllm.model_executor.model_loader.utils import initialize_model
+        from vllm.model_executor.models.registry import ModelRegistry
+
+        from distillgame.plugins.processor import DefenseSettings, defense_section
+
+        section = defense_section(vllm_config)
+        if section is None:
+            raise ValueError(f"{ARCHITECTURE} needs additional_config['distillgame'] with its proxy")
+        settings = DefenseSettings.from_section(section)
+        model_config = vllm_config.model_config
+        teacher_archs = getattr(model_config.hf_config, TEACHER_ARCHITECTURES, None)
+        if not teacher_archs:
+            raise ValueError(f"{ARCHITECTURE} needs hf_overrides['{TEACHER_ARCHITECTURES}'], the teacher's own "
+                             "architectures (see distillgame.plugins.paged_proxy.hf_overrides)")
+        teacher_cls, _ = ModelRegistry.resolve_model_cls(teacher_archs, model_config)
+        self.teacher = teacher_cls(vllm_config=vllm_config, prefix=prefix)
+        self.teacher_dtype = model_config.dtype
+        self.teacher_hidden = model_config.get_hidden_size()
+
+        self.proxy_config = proxy_model_config(vllm_config, settings.proxy, settings.dtype)
+        # Quantization is the teacher's; the proxy loads as its checkpoint is.
+        proxy_vllm_config = replace(vllm_config, model_config=self.proxy_config, quant_config=None)
+        with set_model_tag(PROXY_PREFIX):
+            self.proxy = initialize_model(proxy_vllm_config, prefix=PROXY_PREFIX, model_config=self.proxy_config)
+        self.proxy_dtype = self.proxy_config.dtype
+        self.proxy_hidden = self.proxy_config.get_hidden_size()
+        self.channel = _CHANNELS[id(vllm_config)] = ProxyLogits()
+        logger.info("defended model: teacher %s and proxy %s (%s, %s) in one vLLM model, proxy KV in vLLM's cache",
+                    teacher_archs[0], settings.proxy, self.proxy_config.architecture, self.proxy_dtype)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.teacher.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("the defended model needs token ids (the proxy reads them)")
+        teacher = self.teacher(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        proxy = self.proxy(input_ids, positions)
+        # Side by side in the wider dtype (a bf16 teacher's states survive float32 exactly).
+        dtype = torch.promote_types(teacher.dtype, proxy.dtype)
+        return torch.cat([teacher.to(dtype), proxy.to(dtype)], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        teacher, proxy = hidden_states.split([self.teacher_hidden, self.proxy_hidden], dim=-1)
+        self.channel.put(self.proxy.compute_logits(proxy.to(self.proxy_dtype)))
+        return self.teacher.compute_logits(teacher.to(self.teacher_dtype))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The teacher's checkpoint (``weights``), then the proxy's from its own folder."""
+        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+        from vllm.config import LoadConfig
+
+        loaded = {f"teacher.{name}" for name in (self.teacher.load_weights(weights) or ())}
+        loader = DefaultModelLoader(LoadConfig())
+        proxy_loaded = self.proxy.load_weights(loader.get_all_weights(self.proxy_config, self.proxy))
+        if proxy_loaded is None:
+            proxy_loaded = {name for name, _ in self.proxy.named_parameters()}
+        loaded |= {f"proxy.{name}" for name in proxy_loaded}
+        return loaded
