@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--teacher", default=None)
     o.add_argument("--proxy", default=None)
     o.add_argument("--no-limit", action="store_true", help="skip serving the proxy alone")
+    o.add_argument("--proxy-runners", default="transformers,vllm",
+                   help="comma-separated: one server per runner, measured side by side (arms MODE@vllm)")
     o.add_argument("--reference", action="store_true",
                    help="also time the reference approach (HF generate + proxy logits processor)")
     o.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -49,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--cap", type=int, default=800,
                    help="cap on the teacher trace lengths (tokens; prompt + cap must fit max_model_len 1024)")
     r.add_argument("--skip-none", action="store_true", help="skip our undefended row (saves time)")
+    r.add_argument("--proxy-runners", default="transformers,vllm",
+                   help="comma-separated: our server once per proxy runner, interleaved with the reference")
     r.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="model dtype on both sides (server and HF reference)")
     r.add_argument("--reuse-reference", type=Path, default=None, metavar="JSON",
@@ -137,6 +141,7 @@ def _overhead(args: argparse.Namespace) -> int:
         cfg.rounds = args.rounds
     cfg.gamma, cfg.lam, cfg.teacher, cfg.proxy = args.gamma, args.lam, args.teacher, args.proxy
     cfg.limit = not args.no_limit
+    cfg.proxy_runners = [r for r in args.proxy_runners.split(",") if r]
     report = run_overhead(cfg, args.out, url=args.url, command=_command(), note=args.note)
     from distillgame.bench.overhead import markdown
 

@@ -21,6 +21,15 @@ endpoint with a long narrative prompt, sampling at temperature 1 with a seed,
 and ``max_tokens``; outputs that end early are counted by their real length
 (every rate here is per generated token, from the usage the server reports).
 
+Where the proxy runs (``--proxy-runners``): one server per runner, alive
+together and measured in the same interleaved rounds. ``transformers`` runs
+PoE's proxy beside the engine with its own dense KV cache, for defended rows
+only; ``vllm`` runs it as a vLLM model with the teacher, its KV in the
+engine's paged cache, on every scheduled token (:mod:`distillgame.plugins.paged_proxy`).
+Arms of the second are named ``MODE@vllm``. The undefended baseline of every
+ratio is the ``none`` tier of the transformers server, i.e. the teacher alone;
+the proxy-alone server also runs on transformers, so ``t_p`` is the proxy alone.
+
 Not for: the reference (HF ``generate``) comparison, see
 :mod:`distillgame.bench.reference_hf`.
 """
@@ -116,6 +125,8 @@ class BenchConfig:
     teacher: str | None = None
     proxy: str | None = None
     limit: bool = True  # also serve the proxy alone for t_p
+    # One server per runner, measured side by side (see the module docstring).
+    proxy_runners: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
 
     @classmethod
     def quick(cls) -> "BenchConfig":
@@ -141,6 +152,15 @@ class ModeStats:
     ttft_p99: float
     tpot_p50: float
     tpot_p99: float
+
+
+def arm_name(mode: str, runner: str) -> str:
+    """What a mode is called on a runner's server: ``poe`` (transformers), ``poe@vllm``."""
+    return mode if runner == "transformers" else f"{mode}@{runner}"
+
+
+def arm_mode(arm: str) -> str:
+    return arm.split("@", 1)[0]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -250,14 +270,14 @@ async def _one_request(client: Any, model: str, prompt: str, max_tokens: int, se
     return RequestSample(ttft=first - t0, tpot=tpot, tokens=tokens)
 
 
-async def run_batch(clients: dict[str, Any], model: str, mode: str, concurrency: int, n_requests: int,
+async def run_batch(clients: dict[str, Any], models: dict[str, str], mode: str, concurrency: int, n_requests: int,
                     max_tokens: int, seed: int) -> tuple[float, list[RequestSample]]:
-    """``n_requests`` requests of one mode, at most ``concurrency`` in flight; returns (wall seconds, samples)."""
+    """``n_requests`` requests of one arm, at most ``concurrency`` in flight; returns (wall seconds, samples)."""
     sem = asyncio.Semaphore(concurrency)
 
     async def go(i: int) -> RequestSample:
         async with sem:
-            return await _one_request(clients[mode], model, PROMPTS[i % len(PROMPTS)], max_tokens, seed + i)
+            return await _one_request(clients[mode], models[mode], PROMPTS[i % len(PROMPTS)], max_tokens, seed + i)
 
     t0 = time.perf_counter()
     samples = await asyncio.gather(*(go(i) for i in range(n_requests)))
@@ -276,18 +296,24 @@ def aggregate(walls: list[float], samples: list[RequestSample]) -> ModeStats:
     )
 
 
-async def measure(url: str, modes: list[str], cfg: BenchConfig, keys: dict[str, str] | None = None,
+def endpoints_of(url: str, modes: list[str], runner: str = "transformers") -> dict[str, tuple[str, str]]:
+    """The arms of one server: arm name -> (base URL, API key of the mode's tier)."""
+    return {arm_name(m, runner): (url, KEYS[m]) for m in modes}
+
+
+async def measure(endpoints: dict[str, tuple[str, str]], cfg: BenchConfig,
                   label: str = "") -> dict[int, dict[str, ModeStats]]:
-    """Per concurrency, per mode: the aggregated stats over ``cfg.rounds`` interleaved rounds."""
+    """Per concurrency, per arm (``endpoints``: name -> (URL, key)): stats over ``cfg.rounds`` interleaved rounds."""
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    keys = keys or KEYS
-    clients = {m: AsyncOpenAI(base_url=f"{url}/v1", api_key=keys[m], timeout=600.0, max_retries=0) for m in modes}
-    model = (await clients[modes[0]].models.list()).data[0].id
-    # Warm-up: one short request per mode (first-step compilation, proxy caches).
+    modes = list(endpoints)
+    clients = {m: AsyncOpenAI(base_url=f"{url}/v1", api_key=key, timeout=600.0, max_retries=0)
+               for m, (url, key) in endpoints.items()}
+    models = {m: (await clients[m].models.list()).data[0].id for m in modes}
+    # Warm-up: one short request per arm (first-step compilation, proxy caches).
     for m in modes:
-        await run_batch(clients, model, m, 2, 2, 4, cfg.seed)
+        await run_batch(clients, models, m, 2, 2, 4, cfg.seed)
     out: dict[int, dict[str, ModeStats]] = {}
     total = len(cfg.concurrencies) * cfg.rounds * len(modes)
     with tqdm(total=total, desc=f"overhead {label}".strip(), disable=None) as bar:
@@ -298,7 +324,7 @@ async def measure(url: str, modes: list[str], cfg: BenchConfig, keys: dict[str, 
             for r in range(cfg.rounds):
                 order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate so no mode always goes first
                 for m in order:
-                    wall, s = await run_batch(clients, model, m, c, n_req, cfg.max_tokens, cfg.seed + 1000 * r)
+                    wall, s = await run_batch(clients, models, m, c, n_req, cfg.max_tokens, cfg.seed + 1000 * r)
                     walls[m].append(wall)
                     samples[m].extend(s)
                     bar.update(1)
@@ -347,26 +373,29 @@ def build_report(teacher: dict[int, dict[str, ModeStats]], proxy: dict[int, dict
                  cfg: BenchConfig, command: str, note: str = "") -> dict[str, Any]:
     rows = []
     for c, by_mode in teacher.items():
-        base = by_mode["none"]
+        # The teacher alone: the transformers server's undefended tier (a vllm-runner
+        # server runs the proxy on undefended rows too).
+        base = by_mode["none"] if "none" in by_mode else next(v for k, v in by_mode.items() if arm_mode(k) == "none")
         tp_over_tt = None
         if proxy is not None and c in proxy:
             # time per token ratio = inverse throughput ratio, same harness, same concurrency
             tp_over_tt = base.tok_per_s / proxy[c]["none"].tok_per_s
         for m, st in by_mode.items():
             ratio = base.tok_per_s / st.tok_per_s
+            runner = m.split("@", 1)[1] if "@" in m else "transformers"
             row: dict[str, Any] = {
-                "mode": m, "concurrency": c, "ratio": ratio, **asdict(st),
+                "mode": m, "runner": runner, "concurrency": c, "ratio": ratio, **asdict(st),
                 "tpot_ratio_p50": st.tpot_p50 / base.tpot_p50 if base.tpot_p50 else None,
                 "tp_over_tt": tp_over_tt,
             }
             if tp_over_tt is not None:
-                row["limit"] = 1.0 + PROXY_FACTOR[m] * tp_over_tt
+                row["limit"] = 1.0 + PROXY_FACTOR[arm_mode(m)] * tp_over_tt
                 row["ratio_over_limit"] = ratio / row["limit"]
-                row["normalized_overhead"] = (ratio - 1.0) / tp_over_tt if m != "none" else None
+                row["normalized_overhead"] = (ratio - 1.0) / tp_over_tt if arm_mode(m) != "none" else None
             else:
                 row["limit"] = None
-            row["paper_normalized_overhead"] = PAPER_NORMALIZED.get(m)
-            row["paper_ratio"] = PAPER_RATIO.get(m)
+            row["paper_normalized_overhead"] = PAPER_NORMALIZED.get(arm_mode(m))
+            row["paper_ratio"] = PAPER_RATIO.get(arm_mode(m))
             rows.append(row)
     proxy_rows = [{"concurrency": c, **asdict(v["none"])} for c, v in (proxy or {}).items()]
     return {
@@ -414,7 +443,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "| conc | tok/s | TPOT p50 (ms) |", "|---|---|---|"]
         for p in report["proxy_alone"]:
             lines.append(f"| {p['concurrency']} | {p['tok_per_s']:.1f} | {1000 * p['tpot_p50']:.1f} |")
-    lines += ["", "ratio = undefended tok/s / mode tok/s (same run, interleaved rounds); limit = 1 + k t_p/t_t "
+    lines += ["", "ratio = undefended tok/s (the teacher alone: `none` on the transformers-runner server) / "
+              "mode tok/s (same run, interleaved rounds); `MODE@vllm`: the server whose proxy runs on vLLM's "
+              "layers and paged KV cache (on every scheduled token, so `none@vllm` pays it too); limit = 1 + k t_p/t_t "
               "(k = 1 PoE, 2 ADS); normalized = (ratio - 1) / (t_p/t_t). Paper (7B teacher, 3B proxy): "
               "ratio 1.64 PoE / 2.93 ADS, normalized 1.49 / 4.5.", ""]
     return "\n".join(lines)
@@ -428,13 +459,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"none": "gray", "poe": "tab:blue", "ads": "tab:red"}
-    for m in MODES:
+    arms = list(dict.fromkeys(r["mode"] for r in report["results"]))
+    for m in arms:
         rows = [r for r in report["results"] if r["mode"] == m]
-        if not rows:
-            continue
         cs = [r["concurrency"] for r in rows]
-        ax.plot(cs, [r["ratio"] for r in rows], "o-", color=colors[m], label=f"{m} measured")
-        if m != "none" and all(r.get("limit") is not None for r in rows):
+        style = "o-" if "@" not in m else "s:"
+        ax.plot(cs, [r["ratio"] for r in rows], style, color=colors[arm_mode(m)], label=f"{m} measured")
+        if m in PROXY_FACTOR and m != "none" and all(r.get("limit") is not None for r in rows):
             ax.plot(cs, [r["limit"] for r in rows], "--", color=colors[m], label=f"{m} limit 1+{PROXY_FACTOR[m]}t_p/t_t")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
@@ -464,8 +495,9 @@ def write_report(report: dict[str, Any], out_dir: Path, stem: str = "overhead") 
 # --------------------------------------------------------------------------- entry point
 
 
-def server_args(cfg: BenchConfig, policy: Path, teacher: str | None, proxy: str | None, ads_grad: Path | None) -> list[str]:
-    args = ["--policy", str(policy), "--max-model-len", str(cfg.max_model_len),
+def server_args(cfg: BenchConfig, policy: Path, teacher: str | None, proxy: str | None, ads_grad: Path | None,
+                runner: str = "transformers") -> list[str]:
+    args = ["--policy", str(policy), "--proxy-runner", runner, "--max-model-len", str(cfg.max_model_len),
             "--max-num-seqs", str(max(cfg.concurrencies)), "--memory-share", "0.1",
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--dtype", cfg.dtype]
     if teacher:
@@ -486,23 +518,31 @@ def run_overhead(cfg: BenchConfig, out_dir: Path, url: str | None = None, comman
     policy = work / "policy.toml"
     policy.write_text(POLICY.format(gamma=cfg.gamma, lam=cfg.lam, eps=cfg.eps))
     if url is not None:
-        teacher_stats = asyncio.run(measure(url, list(MODES), cfg, label="teacher"))
+        teacher_stats = asyncio.run(measure(endpoints_of(url, list(MODES)), cfg, label="teacher"))
         proxy_stats = None
     else:
         grad = make_ads_grad(work, cfg.proxy)
-        server = Server(server_args(cfg, policy, cfg.teacher, cfg.proxy, grad), work / "serve-teacher.log")
+        servers = {}
         try:
-            server.wait_ready()
-            teacher_stats = asyncio.run(measure(server.url, list(MODES), cfg, label="teacher"))
+            # Every runner's server up at once, so their arms share the interleaved rounds.
+            for runner in cfg.proxy_runners:
+                servers[runner] = Server(server_args(cfg, policy, cfg.teacher, cfg.proxy, grad, runner),
+                                         work / f"serve-teacher-{runner}.log")
+            endpoints: dict[str, tuple[str, str]] = {}
+            for runner, server in servers.items():
+                server.wait_ready()
+                endpoints.update(endpoints_of(server.url, list(MODES), runner))
+            teacher_stats = asyncio.run(measure(endpoints, cfg, label="teacher"))
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
         proxy_stats = None
         if cfg.limit:
             proxy_dir = str(models.resolve(cfg.proxy, "proxy"))
             server = Server(server_args(cfg, policy, proxy_dir, proxy_dir, grad), work / "serve-proxy.log")
             try:
                 server.wait_ready()
-                proxy_stats = asyncio.run(measure(server.url, ["none"], cfg, label="proxy alone"))
+                proxy_stats = asyncio.run(measure(endpoints_of(server.url, ["none"]), cfg, label="proxy alone"))
             finally:
                 server.stop()
     report = build_report(teacher_stats, proxy_stats, cfg, command, note)

@@ -15,6 +15,11 @@ Two workloads, same models and token-id prompts on both sides:
   length the undefended teacher itself used when answering it (collected from
   our server's ``none`` tier first), so lengths vary like real traces.
 
+Interleaved: per workload and concurrency the sides take turns (our server on
+each proxy runner, ``--proxy-runners``, and the reference), the order rotating
+from one concurrency to the next; the servers stay up, idle while the
+reference runs, so machine drift hits every side alike.
+
 Each request has its own token limit on both sides; HF has no per-row
 ``max_new_tokens``, so :class:`RowLimits` forces EOS on a row once it reaches
 its limit (a finished row then only pads, as in any static batch). Useful
@@ -221,10 +226,11 @@ def markdown(report: dict[str, Any]) -> str:
         tl = report["trace_lengths"]
         lines += [f"Trace lengths (teacher's own GSM-Symbolic answers, tokens): mean {tl['mean']:.0f}, "
                   f"min {tl['min']}, max {tl['max']} over {tl['n']}.", ""]
-    lines += ["| workload | conc | requests | ours PoE tok/s | ours none tok/s | reference PoE tok/s | speedup |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| workload | conc | requests | proxy runner | ours PoE tok/s | ours none tok/s | reference PoE tok/s | "
+              "speedup |", "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r['ours_poe']['tok_per_s']:.1f} | "
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['requests']} | {r.get('runner', 'transformers')} | "
+                     f"{r['ours_poe']['tok_per_s']:.1f} | "
                      f"{r['ours_none']['tok_per_s'] if r['ours_none'] else float('nan'):.1f} | {r['reference_poe']['tok_per_s']:.1f} | "
                      f"{r['speedup']:.2f}x |")
     lines.append("")
@@ -242,10 +248,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = [r for r in report["results"] if r["workload"] == wl]
         if not rows:
             continue
-        cs = [r["concurrency"] for r in rows]
-        ax.plot(cs, [r["ours_poe"]["tok_per_s"] for r in rows], "o" + style, color="tab:blue", label=f"ours PoE ({wl})")
-        ax.plot(cs, [r["reference_poe"]["tok_per_s"] for r in rows], "s" + style, color="tab:orange",
-                label=f"HF reference PoE ({wl})")
+        runners = list(dict.fromkeys(r.get("runner", "transformers") for r in rows))
+        for runner, color in zip(runners, ("tab:blue", "tab:green")):
+            mine = [r for r in rows if r.get("runner", "transformers") == runner]
+            ax.plot([r["concurrency"] for r in mine], [r["ours_poe"]["tok_per_s"] for r in mine], "o" + style,
+                    color=color, label=f"ours PoE, {runner} proxy ({wl})")
+        first = [r for r in rows if r.get("runner", "transformers") == runners[0]]
+        ax.plot([r["concurrency"] for r in first], [r["reference_poe"]["tok_per_s"] for r in first], "s" + style,
+                color="tab:orange", label=f"HF reference PoE ({wl})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency (reference: static batch size)")
     ax.set_ylabel("output tokens/s")
@@ -287,21 +297,31 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
     # KV cache for every slot at the full 1024 positions (SmolLM2: 23 KB per token in bf16),
     # so long traces at concurrency 32 are never preempted.
     kv_gib = max(0.5, max(concurrencies) * 1024 * 24 * 1024 / (1 << 30))
-    server = Server(["--policy", str(policy), "--max-model-len", "1024", "--max-num-seqs", str(max(concurrencies)),
-                     "--memory-share", "0.1", "--kv-cache-gib", f"{kv_gib:.2f}", "--dtype", dtype], work / "serve.log")
+    runners = [r for r in str(getattr(args, "proxy_runners", "transformers")).split(",") if r]
+    servers = {runner: Server(["--policy", str(policy), "--proxy-runner", runner, "--max-model-len", "1024",
+                               "--max-num-seqs", str(max(concurrencies)), "--memory-share", "0.1",
+                               "--kv-cache-gib", f"{kv_gib:.2f}", "--dtype", dtype], work / f"serve-{runner}.log")
+               for runner in runners}
     plan: dict[tuple[str, int], list[Request]] = {}
-    ours: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    ours: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
+    refs: dict[tuple[str, int], dict[str, Any]] = {}
     trace_lengths: list[int] = []
     reuse = getattr(args, "reuse_reference", None)
     earlier = json.loads(Path(reuse).read_text()) if reuse else None
     stored = {(r["workload"], r["concurrency"]): r for r in earlier["results"]} if earlier else {}
+    if earlier is None:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
+        proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=getattr(torch, dtype)).eval()
     try:
-        server.wait_ready()
+        for server in servers.values():
+            server.wait_ready()
+        first = next(iter(servers.values()))
         if earlier is not None:
             trace_lengths = list(earlier.get("trace_lengths", {}).get("values", []))
         elif "traces" in workloads:
-            trace_lengths = asyncio.run(teacher_trace_lengths(server.url, trace_prompts, cap))
+            trace_lengths = asyncio.run(teacher_trace_lengths(first.url, trace_prompts, cap))
             logger.info("teacher trace lengths: %s", trace_lengths)
+        turn = 0
         for wl in workloads:
             for c in concurrencies:
                 n = n_requests(c, quick)
@@ -315,25 +335,34 @@ def run_reference(args: Any, command: str = "") -> dict[str, Any]:
                 else:
                     reqs = [Request(p, max(1, trace_lengths[i])) for i, p in enumerate(prompts)]
                 plan[(wl, c)] = reqs
-                ours[(wl, c)] = {"poe": asyncio.run(server_serve(server.url, "sk-bench-poe", reqs, c))}
-                if not getattr(args, "skip_none", False):
-                    ours[(wl, c)]["none"] = asyncio.run(server_serve(server.url, "sk-bench-none", reqs, c))
-                logger.info("ours %s c=%d: %s", wl, c, ours[(wl, c)])
+                # Each side in turn (the order rotates), the others idle meanwhile.
+                sides: list[str] = [*runners, "reference"]
+                sides = sides[turn % len(sides):] + sides[: turn % len(sides)]
+                turn += 1
+                for side in sides:
+                    if side == "reference":
+                        refs[(wl, c)] = (stored[(wl, c)]["reference_poe"] if earlier is not None
+                                         else hf_serve(teacher, proxy, tok, reqs, c, gamma))
+                        logger.info("reference %s c=%d: %s", wl, c, refs[(wl, c)])
+                        continue
+                    url = servers[side].url
+                    mine = ours[(wl, c, side)] = {"poe": asyncio.run(server_serve(url, "sk-bench-poe", reqs, c))}
+                    if not getattr(args, "skip_none", False):
+                        mine["none"] = asyncio.run(server_serve(url, "sk-bench-none", reqs, c))
+                    logger.info("ours (%s) %s c=%d: %s", side, wl, c, mine)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
-    # The reference runs after the server is gone, so the two never share the CPU.
-    if earlier is None:
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).eval()
-        proxy = AutoModelForCausalLM.from_pretrained(proxy_dir, dtype=getattr(torch, dtype)).eval()
     results = []
     for (wl, c), reqs in plan.items():
-        ref = stored[(wl, c)]["reference_poe"] if earlier is not None else hf_serve(teacher, proxy, tok, reqs, c, gamma)
-        logger.info("reference %s c=%d: %s", wl, c, ref)
-        results.append({"workload": wl, "concurrency": c, "requests": len(reqs),
-                        "max_tokens": [r.max_tokens for r in reqs], "ours_poe": ours[(wl, c)]["poe"],
-                        "ours_none": ours[(wl, c)].get("none"), "reference_poe": ref,
-                        "speedup": ours[(wl, c)]["poe"]["tok_per_s"] / ref["tok_per_s"]})
+        ref = refs[(wl, c)]
+        for runner in runners:
+            mine = ours[(wl, c, runner)]
+            results.append({"workload": wl, "concurrency": c, "runner": runner, "requests": len(reqs),
+                            "max_tokens": [r.max_tokens for r in reqs], "ours_poe": mine["poe"],
+                            "ours_none": mine.get("none"), "reference_poe": ref,
+                            "speedup": mine["poe"]["tok_per_s"] / ref["tok_per_s"]})
     report: dict[str, Any] = {
         "benchmark": "reference", "command": command, "note": getattr(args, "note", ""), "gamma": gamma,
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},

@@ -622,6 +622,28 @@ class DefenseWorkerExtension:
             "async_scheduling": bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False)),
         }
 
+    def distillgame_kv_layout(self) -> dict[str, Any]:
+        """vLLM's KV cache as allocated: blocks, groups, and per attention layer its page and bound bytes.
+
+        On the paged path the proxy's layers (``distillgame_proxy.*``) are here
+        beside the teacher's, in the same group (one block table).
+        """
+        runner = self.model_runner
+        config = runner.kv_cache_config
+        specs = runner.get_kv_cache_spec()
+        context = self.vllm_config.compilation_config.static_forward_context
+        layers = {}
+        for name, spec in specs.items():
+            cache = getattr(context.get(name), "kv_cache", None)
+            if isinstance(cache, (list, tuple)):
+                cache = cache[0] if cache else None
+            layers[name] = {"page_bytes": spec.page_size_bytes, "block_size": spec.block_size,
+                            "bound_bytes": cache.numel() * cache.element_size() if cache is not None else None}
+        with _LIVE_LOCK:
+            dense = sum(p.proxy_cache_bytes() for p in _LIVE if p.active and p.vllm_config is self.vllm_config)
+        return {"num_blocks": config.num_blocks, "groups": [list(g.layer_names) for g in config.kv_cache_groups],
+                "layers": layers, "dense_proxy_bytes": dense}
+
     def distillgame_sync_audit(self) -> list[dict[str, Any]]:
         """What the audit saw in each live processor with ``sync_audit`` on (see :class:`SyncAudit`)."""
         with _LIVE_LOCK:

@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ads-method", choices=["auto", "jvp", "fd"], default="auto",
                    help="ADS's proxy side: forward mode (jvp; auto for Llama-family proxies) or the "
                         "finite-difference copies theta +- eps g (fd)")
+    p.add_argument("--proxy-runner", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="where PoE's proxy runs: on vLLM's layers with its KV in the engine's paged cache "
+                        "(vllm; it then runs on every scheduled token, defended or not), beside the engine "
+                        "on transformers (only for defended rows), or auto: vllm where vLLM has the proxy's "
+                        "architecture")
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
     p.add_argument("--gamma", type=float, default=None,
@@ -123,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
     config = EngineConfig(
         teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
-        fault_file=args.fault_file,
+        fault_file=args.fault_file, proxy_runner=args.proxy_runner,
         extra_defense={"ads_method": args.ads_method,
                        **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
     )

@@ -24,7 +24,9 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
         return aggregate([wall], [RequestSample(ttft=0.1, tpot=tpot, tokens=tokens // 2)] * 2)
 
     # Teacher alone 100 tok/s, PoE 50, ADS 25; the proxy alone 400 tok/s: t_p/t_t = 0.25.
-    teacher = {1: {"none": stats(100, 1.0, 0.01), "poe": stats(100, 2.0, 0.02), "ads": stats(100, 4.0, 0.04)}}
+    # poe@vllm: the server whose proxy runs on vLLM's layers, against the same baseline (the teacher alone).
+    teacher = {1: {"none": stats(100, 1.0, 0.01), "poe": stats(100, 2.0, 0.02), "ads": stats(100, 4.0, 0.04),
+                   "none@vllm": stats(100, 1.25, 0.0125), "poe@vllm": stats(100, 1.5, 0.015)}}
     proxy = {1: {"none": stats(400, 1.0, 0.0025)}}
     report = build_report(teacher, proxy, BenchConfig.quick(), "distillgame bench overhead --quick")
     rows = {r["mode"]: r for r in report["results"]}
@@ -36,6 +38,9 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     assert rows["poe"]["normalized_overhead"] == pytest.approx(4.0)   # (2 - 1) / 0.25
     assert rows["ads"]["normalized_overhead"] == pytest.approx(12.0)  # (4 - 1) / 0.25
     assert rows["poe"]["tpot_ratio_p50"] == pytest.approx(2.0)
+    assert rows["poe@vllm"]["runner"] == "vllm" and rows["poe"]["runner"] == "transformers"
+    assert rows["poe@vllm"]["ratio"] == pytest.approx(1.5) and rows["poe@vllm"]["limit"] == pytest.approx(1.25)
+    assert rows["none@vllm"]["ratio"] == pytest.approx(1.25) and rows["none@vllm"]["normalized_overhead"] is None
     assert report["proxy_alone"] == [{"concurrency": 1, **dataclasses.asdict(proxy[1]["none"])}]
     # Without the proxy run there is no floor to compare with.
     bare = {r["mode"]: r for r in build_report(teacher, None, BenchConfig.quick(), "x")["results"]}

@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from distillgame.engine import EngineConfig, build_llm
+from distillgame.plugins.paged_proxy import PROXY_PREFIX, is_paged
 from distillgame.plugins.reference import ReferenceModels
 from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
 
@@ -43,13 +44,55 @@ def tiny_ref(tiny_pair) -> ReferenceModels:
     return ReferenceModels(*tiny_pair)
 
 
-def test_mixed_batch_with_staggered_arrivals_matches_reference(tiny_llm, tiny_ref):
+@pytest.fixture(scope="module")
+def tiny_llm_transformers(tiny_pair):
+    """The same pair with PoE's proxy on the transformers runner (dense KV beside the engine)."""
+    teacher, proxy = tiny_pair
+    llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(proxy), dtype="float32", max_model_len=256,
+                                 max_num_seqs=16, memory_share=0.12, proxy_runner="transformers",
+                                 extra_defense={"initial_cache_len": 8}))
+    yield llm
+    shutdown(llm)
+
+
+def _check_staggered(llm, ref: ReferenceModels) -> None:
     jobs = _jobs(seed=0, n=12, vocab=380)
-    before = num_preemptions(tiny_llm)
-    run_staggered(tiny_llm, jobs)
-    assert num_preemptions(tiny_llm) == before
+    before = num_preemptions(llm)
+    run_staggered(llm, jobs)
+    assert num_preemptions(llm) == before
     assert {j.defense.get("gamma") for j in jobs} >= {0.3, 0.65, 1.0}
-    assert worst_error(tiny_ref, jobs) < TOL
+    assert worst_error(ref, jobs) < TOL
+
+
+def test_mixed_batch_with_staggered_arrivals_matches_reference(tiny_llm, tiny_ref):
+    """The shared engine: the proxy on vLLM's layers, its KV in the paged cache (proxy_runner auto)."""
+    assert is_paged(tiny_llm.llm_engine.vllm_config)
+    _check_staggered(tiny_llm, tiny_ref)
+
+
+def test_staggered_arrivals_match_reference_on_the_transformers_runner(tiny_llm_transformers, tiny_ref):
+    assert not is_paged(tiny_llm_transformers.llm_engine.vllm_config)
+    _check_staggered(tiny_llm_transformers, tiny_ref)
+
+
+def test_paged_proxy_kv_is_allocated_by_vllm_beside_the_teachers(tiny_llm, tiny_pair):
+    """The proxy's layers have pages in vLLM's KV pool, in the teacher's group (one block table),
+    sized per token from the proxy's config: vLLM's block count already pays for them."""
+    from transformers import AutoConfig
+
+    layout = tiny_llm.collective_rpc("distillgame_kv_layout")[0]
+    proxy_cfg, teacher_cfg = (AutoConfig.from_pretrained(str(m)) for m in reversed(tiny_pair))
+    proxy = sorted(n for n in layout["layers"] if n.startswith(PROXY_PREFIX + "."))
+    teacher = sorted(n for n in layout["layers"] if not n.startswith(PROXY_PREFIX + "."))
+    assert len(proxy) == proxy_cfg.num_hidden_layers and len(teacher) == teacher_cfg.num_hidden_layers
+    assert [sorted(g) for g in layout["groups"]] == [sorted(proxy + teacher)]
+    blocks = layout["num_blocks"]
+    for names, cfg in ((proxy, proxy_cfg), (teacher, teacher_cfg)):
+        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, float32
+        for name in names:
+            layer = layout["layers"][name]
+            assert layer["page_bytes"] == layer["block_size"] * per_token
+            assert layer["bound_bytes"] == blocks * layer["page_bytes"]
 
 
 def test_defense_changes_the_released_distribution(tiny_llm, tiny_ref):
@@ -93,12 +136,14 @@ def test_fidelity_counters_track_defended_tokens(tiny_llm):
     assert 0 <= after["argmax_agree"] - before["argmax_agree"] <= 7
 
 
-def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_grads, tiny_llm):
+@pytest.mark.parametrize("runner", ["vllm", "transformers"])
+def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair, tiny_grads, tiny_llm, runner):
     """A KV cache of 4 blocks forces preemption; PoE, ADS and none rows still match the oracle,
     and with proxy == teacher PoE releases exactly the teacher's distribution.
 
     This engine runs ADS by the finite-difference copies (``ads_method = "fd"``;
-    the shared engine runs the forward-mode default), so both methods meet an oracle."""
+    the shared engine runs the forward-mode default), so both methods meet an oracle.
+    On the vllm runner the proxy's KV shares the same 4 blocks and is preempted with them."""
     teacher, _ = tiny_pair
     block = tiny_llm.llm_engine.vllm_config.cache_config.block_size
     small = build_llm(
@@ -113,6 +158,7 @@ def test_preemption_replays_and_proxy_equal_to_teacher_changes_nothing(tiny_pair
             disable_log_stats=False,
             num_gpu_blocks_override=4,
             extra_defense={"ads_method": "fd"},
+            proxy_runner=runner,
         )
     )
     try:

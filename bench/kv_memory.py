@@ -1,0 +1,167 @@
+"""The proxy's KV memory: vLLM's paged cache against the transformers runner's dense slots.
+
+Starts one engine per proxy runner on the same pair (the embedded default, or
+given folders), admits ``--requests`` PoE requests of ``--tokens`` tokens each
+(random prompt ids, a few generated tokens, EOS ignored) and steps until they
+finish. Per runner it reports:
+
+- ``vllm``: the proxy's live KV bytes at the step where the most requests are
+  live, measured as vLLM's KV usage (the ``vllm:kv_cache_usage_perc`` gauge,
+  over the pool's usable blocks) times the proxy layers' bytes per block (from
+  the engine's own KV layout, ``distillgame_kv_layout``), against the target
+  ``requests x tokens x bytes per token``;
+- ``transformers``: the dense per-slot caches the processor allocated at start
+  (``max_num_seqs x max_model_len x bytes per token``), live or not;
+- both: vLLM's KV capacity in tokens for the same KV bytes. On the vllm runner
+  every block also holds the proxy's layers, so the capacity is the teacher's
+  alone times ``teacher_bpt / (teacher_bpt + proxy_bpt)``: vLLM counts the proxy.
+
+Usage: python -m distillgame.bench.kv_memory --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from distillgame.bench.overhead import machine_info, write_results
+from distillgame.plugins.paged_proxy import PROXY_PREFIX
+
+
+def _usage(llm) -> float:
+    return next((m.value for m in llm.get_metrics() if m.name == "vllm:kv_cache_usage_perc"), float("nan"))
+
+
+def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+    from vllm import SamplingParams
+
+    from distillgame.engine import EngineConfig, build_llm
+
+    llm = build_llm(EngineConfig(teacher=args.teacher, proxy=args.proxy, dtype=args.dtype,
+                                 max_model_len=args.max_model_len, max_num_seqs=args.requests,
+                                 kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
+                                 proxy_runner=runner))
+    try:
+        layout = llm.collective_rpc("distillgame_kv_layout")[0]
+        layers = layout["layers"]
+        proxy_page = sum(v["page_bytes"] for k, v in layers.items() if k.startswith(PROXY_PREFIX + "."))
+        teacher_page = sum(v["page_bytes"] for k, v in layers.items() if not k.startswith(PROXY_PREFIX + "."))
+        block = next(iter(layers.values()))["block_size"]
+        rng = random.Random(0)
+        engine = llm.llm_engine
+        params = SamplingParams(max_tokens=args.generate, temperature=0.0, ignore_eos=True,
+                                extra_args={"distillgame": {"mode": "poe", "gamma": 0.65}})
+        for i in range(args.requests):
+            prompt = [rng.randrange(100, 20000) for _ in range(args.tokens - args.generate)]
+            engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+        peak, steps = 0.0, 0
+        with tqdm(total=args.requests, desc=f"kv memory ({runner})", disable=None) as bar:
+            while engine.has_unfinished_requests():
+                done = sum(out.finished for out in engine.step())
+                bar.update(done)
+                peak = max(peak, _usage(llm))
+                steps += 1
+        usable = layout["num_blocks"] - 1  # vLLM's usage leaves out its null block
+        peak_blocks = round(peak / 100 * usable)
+        return {
+            "runner": runner, "num_blocks": layout["num_blocks"], "block_size": block,
+            "capacity_tokens": layout["num_blocks"] * block,
+            "teacher_bytes_per_token": teacher_page / block, "proxy_bytes_per_token_paged": proxy_page / block,
+            "peak_usage_perc": peak, "peak_blocks": peak_blocks, "steps": steps,
+            "proxy_live_bytes": peak_blocks * proxy_page if proxy_page else None,
+            "dense_proxy_bytes": layout["dense_proxy_bytes"],
+        }
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def proxy_bytes_per_token(proxy: str | None, dtype: str) -> int:
+    from transformers import AutoConfig
+
+    from distillgame import models
+
+    cfg = AutoConfig.from_pretrained(models.resolve(proxy, "proxy")).get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = 4 if dtype == "float32" else 2
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * size
+
+
+def markdown(report: dict[str, Any]) -> str:
+    from distillgame.bench.overhead import report_header
+
+    n, length, bpt = report["requests"], report["tokens"], report["proxy_bytes_per_token"]
+    target = n * length * bpt
+    lines = report_header("Proxy KV memory: paged (vLLM) against dense (transformers)", report)
+    lines += [f"{n} live PoE requests of {length} tokens; proxy {bpt} bytes per token (K and V, all layers); "
+              f"target {n} x {length} x {bpt} = {target / 2**20:.1f} MiB.", "",
+              "| runner | proxy KV held | / target | vLLM KV capacity (tokens) | blocks x block size | "
+              "teacher + proxy bytes per token in vLLM's pool |",
+              "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        held = r["proxy_live_bytes"] if r["runner"] == "vllm" else r["dense_proxy_bytes"]
+        what = "live blocks (peak)" if r["runner"] == "vllm" else "dense slots (from start)"
+        lines.append(f"| {r['runner']} | {held / 2**20:.1f} MiB ({what}) | {held / target:.3f} | "
+                     f"{r['capacity_tokens']:,} | {r['num_blocks']} x {r['block_size']} | "
+                     f"{r['teacher_bytes_per_token']:.0f} + {r['proxy_bytes_per_token_paged']:.0f} |")
+    runs = {r["runner"]: r for r in report["runs"]}
+    if {"vllm", "transformers"} <= set(runs):
+        v, t = runs["vllm"], runs["transformers"]
+        expect = t["teacher_bytes_per_token"] / (v["teacher_bytes_per_token"] + v["proxy_bytes_per_token_paged"])
+        lines += ["", f"Capacity ratio vllm / transformers: {v['capacity_tokens'] / t['capacity_tokens']:.3f} "
+                  f"(teacher_bpt / (teacher_bpt + proxy_bpt) = {expect:.3f}): vLLM's block count pays for the "
+                  "proxy's pages; the dense runner's memory sits outside vLLM's accounting."]
+    return "\n".join(lines + [""])
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = report["requests"] * report["tokens"] * report["proxy_bytes_per_token"]
+    labels, values = ["target (live tokens)"], [target / 2**20]
+    for r in report["runs"]:
+        held = r["proxy_live_bytes"] if r["runner"] == "vllm" else r["dense_proxy_bytes"]
+        labels.append(r["runner"])
+        values.append(held / 2**20)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(labels, values, color=["gray", "tab:blue", "tab:orange"][: len(values)])
+    ax.set_ylabel("proxy KV (MiB)")
+    ax.set_title(f"{report['requests']} requests x {report['tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--proxy", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=512, help="prompt + generated tokens per request")
+    p.add_argument("--generate", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--runners", default="vllm,transformers")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = p.parse_args(argv)
+    runs = [measure(r, args) for r in args.runners.split(",") if r]
+    report = {"benchmark": "kv_memory", "command": "python -m distillgame.bench.kv_memory " + " ".join(
+        sys.argv[1:] if argv is None else argv), "machine": machine_info(), "requests": args.requests,
+              "tokens": args.tokens, "max_model_len": args.max_model_len,
+              "proxy_bytes_per_token": proxy_bytes_per_token(args.proxy, args.dtype), "runs": runs}
+    write_results(report, args.out, "kv_memory", markdown, plot)
+    print(markdown(report))
+    print(json.dumps(runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
