@@ -67,12 +67,12 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
                 peak = max(peak, _usage(llm))
                 steps += 1
         usable = layout["num_blocks"] - 1  # vLLM's usage leaves out its null block
-        peak_blocks = round(peak / 100 * usable)
+        peak_blocks = round(peak * usable)  # the gauge is a fraction despite its name
         return {
             "runner": runner, "num_blocks": layout["num_blocks"], "block_size": block,
             "capacity_tokens": layout["num_blocks"] * block,
             "teacher_bytes_per_token": teacher_page / block, "proxy_bytes_per_token_paged": proxy_page / block,
-            "peak_usage_perc": peak, "peak_blocks": peak_blocks, "steps": steps,
+            "peak_usage": peak, "peak_blocks": peak_blocks, "steps": steps,
             "proxy_live_bytes": peak_blocks * proxy_page if proxy_page else None,
             "dense_proxy_bytes": layout["dense_proxy_bytes"],
         }

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -185,16 +186,22 @@ class DefendedForCausalLM(nn.Module):
                 **kwargs: Any) -> torch.Tensor:
         if input_ids is None:
             raise ValueError("the defended model needs token ids (the proxy reads them)")
-        teacher = self.teacher(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        proxy = self.proxy(input_ids, positions)
+        # The labels name the parts in a torch profile (bench/step_profile.py); free otherwise.
+        with record_function("distillgame.teacher_forward"):
+            teacher = self.teacher(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        with record_function("distillgame.proxy_forward"):
+            proxy = self.proxy(input_ids, positions)
         # Side by side in the wider dtype (a bf16 teacher's states survive float32 exactly).
-        dtype = torch.promote_types(teacher.dtype, proxy.dtype)
-        return torch.cat([teacher.to(dtype), proxy.to(dtype)], dim=-1)
+        with record_function("distillgame.hidden_concat"):
+            dtype = torch.promote_types(teacher.dtype, proxy.dtype)
+            return torch.cat([teacher.to(dtype), proxy.to(dtype)], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         teacher, proxy = hidden_states.split([self.teacher_hidden, self.proxy_hidden], dim=-1)
-        self.channel.put(self.proxy.compute_logits(proxy.to(self.proxy_dtype)))
-        return self.teacher.compute_logits(teacher.to(self.teacher_dtype))
+        with record_function("distillgame.proxy_logits"):
+            self.channel.put(self.proxy.compute_logits(proxy.to(self.proxy_dtype)))
+        with record_function("distillgame.teacher_logits"):
+            return self.teacher.compute_logits(teacher.to(self.teacher_dtype))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The teacher's checkpoint (``weights``), then the proxy's from its own folder."""

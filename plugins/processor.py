@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.profiler import record_function
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -471,10 +472,11 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self.active or not self.rows:
             return logits
-        if self.audit is None:
-            return self._apply(logits)
-        with self.audit.guard(step=True):
-            return self._apply(logits)
+        with record_function("distillgame.defense_apply"):
+            if self.audit is None:
+                return self._apply(logits)
+            with self.audit.guard(step=True):
+                return self._apply(logits)
 
     def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         self._check_fault()
