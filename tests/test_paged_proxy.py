@@ -1,0 +1,56 @@
+"""The vLLM-layer proxy's plumbing: which engines get it, and the hand-over of the proxy's logits.
+
+The engine paths (equivalence with the float64 oracle, preemption, the KV
+layout) are in ``tests/test_poe_engine.py`` and ``tests/test_ads.py``, whose
+shared engine runs this path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distillgame.engine import EngineConfig
+from distillgame.plugins.paged_proxy import ARCHITECTURE, TEACHER_ARCHITECTURES, ProxyLogits
+
+
+def test_a_take_returns_the_steps_logits_once_and_refuses_anything_else():
+    channel = ProxyLogits()
+    with pytest.raises(RuntimeError, match="no proxy logits"):
+        channel.take(2)
+    logits = torch.randn(3, 5)
+    channel.put(logits)
+    with pytest.raises(RuntimeError, match="3 rows for a step sampling 2"):
+        channel.take(2)
+    # The failed take emptied it too: a stale step never reaches the next one.
+    with pytest.raises(RuntimeError, match="no proxy logits"):
+        channel.take(3)
+    channel.put(logits)
+    assert channel.take(3) is logits
+    with pytest.raises(RuntimeError, match="no proxy logits"):
+        channel.take(3)
+
+
+def test_auto_runs_a_llama_proxy_on_vllm_layers_keeping_the_teachers_architecture(tiny_pair):
+    teacher, proxy = tiny_pair
+    config = EngineConfig(teacher=str(teacher), proxy=str(proxy))
+    overrides = config.engine_kwargs()["hf_overrides"]
+    assert overrides == {"architectures": [ARCHITECTURE], TEACHER_ARCHITECTURES: ["LlamaForCausalLM"]}
+    config.proxy_runner = "transformers"
+    assert "hf_overrides" not in config.engine_kwargs()
+    config.proxy_runner = "paged"
+    with pytest.raises(ValueError, match="proxy_runner must be"):
+        config.engine_kwargs()
+
+
+def test_a_proxy_vllm_has_no_class_for_stays_on_transformers_or_is_refused(tiny_pair, tmp_path):
+    teacher, proxy = tiny_pair
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    cfg = json.loads((proxy / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "architectures": ["NoSuchModelForCausalLM"]}))
+    assert "hf_overrides" not in EngineConfig(teacher=str(teacher), proxy=str(odd)).engine_kwargs()
+    with pytest.raises(ValueError, match="NoSuchModelForCausalLM"):
+        EngineConfig(teacher=str(teacher), proxy=str(odd), proxy_runner="vllm").engine_kwargs()
