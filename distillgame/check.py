@@ -2,7 +2,8 @@
 
 Runs, on a machine with CUDA and vLLM's CUDA wheel:
 - the engine equivalence tests (PoE and ADS token for token against the
-  float64 oracle, preemption, staggered arrivals) and the fail-closed tests,
+  float64 oracle, preemption, staggered arrivals; PoE with the proxy on
+  vLLM's layers and on transformers) and the fail-closed tests,
   with vLLM's GPU defaults (chunked prefill on; async scheduling is what the
   defended engine turns off and the tests assert);
 - the host-sync tests (``tests/test_host_syncs.py``): the defended step, in
@@ -35,7 +36,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_TESTS = ("tests/test_poe_engine.py", "tests/test_ads.py", "tests/test_fail_closed.py")
+ENGINE_TESTS = ("tests/test_poe_engine.py", "tests/test_paged_proxy.py", "tests/test_ads.py", "tests/test_fail_closed.py")
 SYNC_TESTS = ("tests/test_host_syncs.py",)
 # The line tests/test_host_syncs.py prints for the engine's audit (see sync_line).
 SYNC_LINE = "host syncs: engine"
