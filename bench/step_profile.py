@@ -8,8 +8,9 @@ their parts (``record_function``): ``distillgame.teacher_forward``,
 ``distillgame.proxy_logits``, ``distillgame.teacher_logits`` and
 ``distillgame.defense_apply`` (the processor: on the transformers runner it
 includes that runner's proxy forward). The table is read from the profile
-summary vLLM writes (``*.profiler_out.txt``): CPU time per label, divided by
-the number of engine steps, next to the whole ``execute_model`` step.
+trace vLLM writes: the median duration of each label, of vLLM's decode-only
+model step (``execute_context_0(0)_generation_*``) and of its sampler (which
+runs the logits processors), i.e. per decode step.
 
 Usage: python -m distillgame.bench.step_profile --out bench/results
 """
@@ -17,7 +18,9 @@ Usage: python -m distillgame.bench.step_profile --out bench/results
 from __future__ import annotations
 
 import argparse
-import re
+import gzip
+import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,24 +30,24 @@ from distillgame.bench.overhead import machine_info, write_results
 
 LABELS = ["distillgame.teacher_forward", "distillgame.proxy_forward", "distillgame.hidden_concat",
           "distillgame.proxy_logits", "distillgame.teacher_logits", "distillgame.defense_apply"]
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+# vLLM's own annotations: a decode-only model step, and the sampler (where logits processors run).
+DECODE_STEP = "execute_context_0(0)_generation_"
+SAMPLER = "nn.Module: Sampler_0"
 
 
-def parse_table(text: str) -> dict[str, dict[str, float]]:
-    """``{name: {"total_s": CPU total, "calls": n}}`` from a torch profiler ``key_averages().table()``."""
-    lines = text.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.strip().startswith("Name"))
-    columns = [c.strip() for c in re.split(r"\s{2,}", lines[header].strip())]
-    total_col, calls_col = columns.index("CPU total"), columns.index("# of Calls")
-    out: dict[str, dict[str, float]] = {}
-    for line in lines[header + 2:]:
-        cells = [c.strip() for c in re.split(r"\s{2,}", line.strip())]
-        if len(cells) != len(columns):
+def parse_trace(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per call of each part, over a profile's Chrome-trace events (decode steps dominate)."""
+    durations: dict[str, list[float]] = {}
+    for event in events:
+        name = event.get("name", "")
+        if name.startswith(DECODE_STEP):
+            name = "model_step"
+        elif name == SAMPLER:
+            name = "sampler"
+        elif name not in LABELS:
             continue
-        match = re.fullmatch(r"([\d.]+)(us|ms|s)", cells[total_col])
-        if match:
-            out[cells[0]] = {"total_s": float(match[1]) * _UNITS[match[2]], "calls": int(cells[calls_col])}
-    return out
+        durations.setdefault(name, []).append(event.get("dur", 0) * 1e-6)
+    return {name: statistics.median(values) for name, values in durations.items()}
 
 
 def profile(runner: str, args: argparse.Namespace, trace_dir: Path) -> dict[str, Any]:
@@ -67,16 +70,13 @@ def profile(runner: str, args: argparse.Namespace, trace_dir: Path) -> dict[str,
         llm.stop_profile()
     finally:
         llm.llm_engine.engine_core.shutdown()
-    tables = sorted(trace_dir.glob("*profiler_out*.txt"))
-    if not tables:
-        raise RuntimeError(f"vLLM wrote no profiler summary under {trace_dir}")
-    rows = parse_table(tables[-1].read_text())
-    steps = rows.get("gpu_model_runner: forward", {}).get("calls") or args.tokens
-    parts = {name: rows[name]["total_s"] / steps for name in LABELS if name in rows}
-    step = next((rows[k]["total_s"] / rows[k]["calls"] for k in ("execute_model", "ModelRunner.execute_model")
-                 if k in rows), None)
-    return {"runner": runner, "steps": steps, "seconds_per_step": parts, "execute_model_s": step,
-            "table_file": tables[-1].name}
+    traces = sorted(trace_dir.glob("*.pt.trace.json*"))
+    if not traces:
+        raise RuntimeError(f"vLLM wrote no profiler trace under {trace_dir}")
+    opener = gzip.open if traces[-1].suffix == ".gz" else open
+    with opener(traces[-1], "rt") as fh:
+        parts = parse_trace(json.load(fh)["traceEvents"])
+    return {"runner": runner, "seconds_per_step": parts, "trace_file": traces[-1].name}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -85,17 +85,22 @@ def markdown(report: dict[str, Any]) -> str:
     lines = report_header("Where a PoE engine step goes (torch profile, CPU time per engine step)", report)
     runs = report["runs"]
     lines += [f"Batch {report['batch']} PoE requests, prompt {report['prompt_len']} tokens, "
-              f"{report['tokens']} decode steps profiled after a warm-up run; ms per engine step "
-              "(prefill step included in the average).", "",
+              f"{report['tokens']} decode steps profiled after a warm-up run; median ms per decode step.", "",
               "| part | " + " | ".join(r["runner"] for r in runs) + " |",
               "|---|" + "---|" * len(runs)]
-    for name in LABELS:
-        cells = [f"{1000 * r['seconds_per_step'][name]:.2f}" if name in r["seconds_per_step"] else "-" for r in runs]
-        lines.append(f"| {name.split('.', 1)[1]} | " + " | ".join(cells) + " |")
-    cells = [f"{1000 * r['execute_model_s']:.2f}" if r["execute_model_s"] else "-" for r in runs]
-    lines += ["| whole step (execute_model) | " + " | ".join(cells) + " |", "",
+
+    def row(label: str, key: str) -> str:
+        cells = [f"{1000 * r['seconds_per_step'][key]:.2f}" if key in r["seconds_per_step"] else "-" for r in runs]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines.append(row("**model step** (vLLM's execute_model)", "model_step"))
+    lines += [row(f"- {name.split('.', 1)[1]}", name) for name in LABELS[:5]]
+    lines += [row("**sampler** (logits processors, sampling)", "sampler"), row("- defense_apply", LABELS[5])]
+    totals = [1000 * (r["seconds_per_step"].get("model_step", 0) + r["seconds_per_step"].get("sampler", 0))
+              for r in runs]
+    lines += ["| **model step + sampler** | " + " | ".join(f"{t:.2f}" for t in totals) + " |", "",
               "On the transformers runner the model is the teacher's own (no labels inside it) and "
-              "`defense_apply` holds the proxy's forward on its dense cache.", ""]
+              "`defense_apply` holds the proxy's forward on its dense cache as well as the mix.", ""]
     return "\n".join(lines)
 
 
@@ -110,7 +115,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bottoms = [0.0] * len(runs)
     for name in LABELS:
         values = [1000 * r["seconds_per_step"].get(name, 0.0) for r in runs]
-        ax.bar([r["runner"] for r in runs], values, bottom=bottoms, label=name.split(".", 1)[1])
+        name = name.split(".", 1)[1]
+        ax.bar([r["runner"] for r in runs], values, bottom=bottoms, label=name)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax.set_ylabel("ms per engine step")
     ax.legend(fontsize=7)

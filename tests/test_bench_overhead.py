@@ -82,3 +82,19 @@ def test_overhead_quick_report(tmp_path):
             assert r["normalized_overhead"] == pytest.approx((r["ratio"] - 1) / tp_tt)
             assert r["paper_normalized_overhead"] == {"poe": 1.49, "ads": 4.5}[mode]
     assert report["machine"]["cpus"] >= 1 and "bench overhead --quick" in report["command"]
+
+
+def test_step_profile_takes_the_median_decode_step_of_each_part():
+    from distillgame.bench.step_profile import parse_trace
+
+    events = [
+        {"name": "execute_context_4(256)_generation_0(0)", "cat": "user_annotation", "dur": 900_000},  # prefill
+        *({"name": "execute_context_0(0)_generation_4(4)", "cat": "user_annotation", "dur": d}
+          for d in (40_000, 50_000, 45_000)),
+        *({"name": "distillgame.proxy_forward", "cat": "user_annotation", "dur": d} for d in (10_000, 300_000, 12_000)),
+        {"name": "nn.Module: Sampler_0", "cat": "python_function", "dur": 9_000},
+        {"name": "aten::mm", "cat": "cpu_op", "dur": 5},
+    ]
+    parts = parse_trace(events)
+    assert parts == {"model_step": pytest.approx(0.045), "distillgame.proxy_forward": pytest.approx(0.012),
+                     "sampler": pytest.approx(0.009)}
