@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distillgame.bench.overhead import machine_info, write_results
+from distillgame.bench.overhead import add_pair_arguments, axes, machine_info, save_figure, write_results
 from distillgame.plugins.paged_proxy import PROXY_PREFIX
 
 
@@ -119,38 +119,27 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     target = report["requests"] * report["tokens"] * report["proxy_bytes_per_token"]
     labels, values = ["target (live tokens)"], [target / 2**20]
     for r in report["runs"]:
         held = r["proxy_live_bytes"] if r["runner"] == "vllm" else r["dense_proxy_bytes"]
         labels.append(r["runner"])
         values.append(held / 2**20)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = axes((5, 3.5))
     ax.bar(labels, values, color=["gray", "tab:blue", "tab:orange"][: len(values)])
     ax.set_ylabel("proxy KV (MiB)")
     ax.set_title(f"{report['requests']} requests x {report['tokens']} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=None)
-    p.add_argument("--proxy", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    add_pair_arguments(p)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--tokens", type=int, default=512, help="prompt + generated tokens per request")
     p.add_argument("--generate", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
-    p.add_argument("--runners", default="vllm,transformers")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
     runs = [measure(r, args) for r in args.runners.split(",") if r]
     report = {"benchmark": "kv_memory", "command": "python -m distillgame.bench.kv_memory " + " ".join(

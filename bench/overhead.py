@@ -478,6 +478,33 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def axes(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and axes on the file-only backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_pair_arguments(parser: Any, dtype: str = "bfloat16") -> None:
+    """The options of a per-runner engine study: the pair, its dtype, the runners, where results go."""
+    parser.add_argument("--teacher", default=None, help="teacher folder or id (default: the embedded one)")
+    parser.add_argument("--proxy", default=None, help="proxy folder or id (default: the embedded one)")
+    parser.add_argument("--dtype", default=dtype)
+    parser.add_argument("--runners", default="vllm,transformers", help="proxy runners, one engine each")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
 def write_results(report: dict[str, Any], out_dir: Path, stem: str,
                   to_markdown: Callable[[dict[str, Any]], str],
                   to_png: Callable[[dict[str, Any], Path], None]) -> None:

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distillgame.bench.overhead import machine_info, write_results
+from distillgame.bench.overhead import add_pair_arguments, axes, machine_info, save_figure, write_results
 
 LABELS = ["distillgame.teacher_forward", "distillgame.proxy_forward", "distillgame.hidden_concat",
           "distillgame.proxy_logits", "distillgame.teacher_logits", "distillgame.defense_apply"]
@@ -105,12 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = axes((6, 3.5))
     runs = report["runs"]
     bottoms = [0.0] * len(runs)
     for name in LABELS:
@@ -120,21 +115,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax.set_ylabel("ms per engine step")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=None)
-    p.add_argument("--proxy", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    add_pair_arguments(p)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--runners", default="vllm,transformers")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="distillgame-profile-"))
     runs = [profile(r, args, work / r) for r in args.runners.split(",") if r]
