@@ -5,9 +5,10 @@ torch profiler on, warms it up, and profiles ``--tokens`` decode steps of a
 batch of ``--batch`` PoE requests. The defended model and the processor label
 their parts (``record_function``): ``distillgame.teacher_forward``,
 ``distillgame.proxy_forward``, ``distillgame.hidden_concat``,
-``distillgame.proxy_logits``, ``distillgame.teacher_logits`` and
-``distillgame.defense_apply`` (the processor: on the transformers runner it
-includes that runner's proxy forward). The table is read from the profile
+``distillgame.teacher_logits``, ``distillgame.defense_apply`` (the
+processor: on the transformers runner it includes that runner's proxy
+forward) and, inside it, ``distillgame.proxy_logits`` (the proxy's head on the
+PoE rows). The table is read from the profile
 trace vLLM writes: the median duration of each label, of vLLM's decode-only
 model step (``execute_context_0(0)_generation_*``) and of its sampler (which
 runs the logits processors), i.e. per decode step.
@@ -28,8 +29,9 @@ from typing import Any
 
 from distillgame.bench.overhead import add_pair_arguments, axes, machine_info, save_figure, write_results
 
+# In the model step, then in the sampler (the proxy's head runs inside the processor, on its PoE rows).
 LABELS = ["distillgame.teacher_forward", "distillgame.proxy_forward", "distillgame.hidden_concat",
-          "distillgame.proxy_logits", "distillgame.teacher_logits", "distillgame.defense_apply"]
+          "distillgame.teacher_logits", "distillgame.defense_apply", "distillgame.proxy_logits"]
 # vLLM's own annotations: a decode-only model step, and the sampler (where logits processors run).
 DECODE_STEP = "execute_context_0(0)_generation_"
 SAMPLER = "nn.Module: Sampler_0"
@@ -94,8 +96,9 @@ def markdown(report: dict[str, Any]) -> str:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     lines.append(row("**model step** (vLLM's execute_model)", "model_step"))
-    lines += [row(f"- {name.split('.', 1)[1]}", name) for name in LABELS[:5]]
-    lines += [row("**sampler** (logits processors, sampling)", "sampler"), row("- defense_apply", LABELS[5])]
+    lines += [row(f"- {name.split('.', 1)[1]}", name) for name in LABELS[:4]]
+    lines += [row("**sampler** (logits processors, sampling)", "sampler"), row("- defense_apply", LABELS[4]),
+              row("  - of which the proxy's head (PoE rows)", LABELS[5])]
     totals = [1000 * (r["seconds_per_step"].get("model_step", 0) + r["seconds_per_step"].get("sampler", 0))
               for r in runs]
     lines += ["| **model step + sampler** | " + " | ".join(f"{t:.2f}" for t in totals) + " |", "",
@@ -108,7 +111,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = axes((6, 3.5))
     runs = report["runs"]
     bottoms = [0.0] * len(runs)
-    for name in LABELS:
+    for name in LABELS[:5]:  # the head is inside defense_apply
         values = [1000 * r["seconds_per_step"].get(name, 0.0) for r in runs]
         name = name.split(".", 1)[1]
         ax.bar([r["runner"] for r in runs], values, bottom=bottoms, label=name)

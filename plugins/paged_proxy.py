@@ -19,8 +19,9 @@ proxy's ``ModelConfig``, its own layer-name prefix). So:
   tokens (``forward``) and returns their final hidden states side by side; the
   runner picks the rows it samples (``hidden_states[logits_indices]``) and
   calls :meth:`DefendedForCausalLM.compute_logits`, which returns the
-  teacher's logits and leaves the proxy's, for the same rows, in a
-  :class:`ProxyLogits` for the defense's logits processor to mix. The proxy
+  teacher's logits and leaves the proxy's hidden states, for the same rows,
+  in a :class:`ProxyLogits`; the defense's logits processor runs the proxy's
+  head on its PoE rows and mixes. The proxy
   runs on every scheduled token (defended or not): its cache has to hold
   every request's context, as vLLM fills caches per step, not per request.
 
@@ -40,7 +41,7 @@ runner).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,29 +91,34 @@ def is_paged(vllm_config: "VllmConfig") -> bool:
 
 
 class ProxyLogits:
-    """The proxy's logits for the rows of the step being sampled, handed from the model to the processor.
+    """The proxy's final hidden states for the rows of the step being sampled, from the model to the processor.
 
     :meth:`put` runs in ``compute_logits``, :meth:`take` in the logits
     processor's ``apply`` of the same step (vLLM computes prompt logprobs
-    only after sampling). A take empties it, and a take that finds nothing, or
-    rows that are not the step's, raises: the step fails rather than mix
-    another step's proxy into it.
+    only after sampling). The head runs in :meth:`take`, on the rows the
+    processor asks for (its PoE rows): undefended rows never pay for the
+    proxy's vocabulary-sized product. A take empties the hand-over, and a take
+    that finds nothing, or rows that are not the step's, raises: the step
+    fails rather than mix another step's proxy into it.
     """
 
     def __init__(self) -> None:
-        self._logits: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        self._head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def put(self, logits: torch.Tensor) -> None:
-        self._logits = logits
+    def put(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._hidden, self._head = hidden, head
 
-    def take(self, rows: int) -> torch.Tensor:
-        logits, self._logits = self._logits, None
-        if logits is None:
-            raise RuntimeError("the engine computed no proxy logits for this step; refusing to release it")
-        if logits.shape[0] != rows:
-            raise RuntimeError(f"the proxy's logits have {logits.shape[0]} rows for a step sampling {rows}; "
+    def take(self, rows: int, index: torch.Tensor) -> torch.Tensor | None:
+        """The proxy's logits for rows ``index`` of a step that samples ``rows`` rows (None for no rows)."""
+        hidden, head = self._hidden, self._head
+        self._hidden = self._head = None
+        if hidden is None or head is None:
+            raise RuntimeError("the engine computed no proxy states for this step; refusing to release it")
+        if hidden.shape[0] != rows:
+            raise RuntimeError(f"the proxy's states have {hidden.shape[0]} rows for a step sampling {rows}; "
                                "refusing to release it")
-        return logits
+        return head(hidden[index]) if index.shape[0] else None
 
 
 # One per engine (keyed by its VllmConfig): the processor finds its model's channel here.
@@ -198,10 +204,13 @@ class DefendedForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         teacher, proxy = hidden_states.split([self.teacher_hidden, self.proxy_hidden], dim=-1)
-        with record_function("distillgame.proxy_logits"):
-            self.channel.put(self.proxy.compute_logits(proxy.to(self.proxy_dtype)))
+        self.channel.put(proxy.to(self.proxy_dtype), self._proxy_head)
         with record_function("distillgame.teacher_logits"):
             return self.teacher.compute_logits(teacher.to(self.teacher_dtype))
+
+    def _proxy_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with record_function("distillgame.proxy_logits"):
+            return self.proxy.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The teacher's checkpoint (``weights``), then the proxy's from its own folder."""

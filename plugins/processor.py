@@ -520,12 +520,13 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
 
         vocab = self.vocab
         if self.paged:
-            paged = self._paged_channel().take(logits.shape[0])
+            # Taken every step (even without PoE rows): it must never outlive its step.
+            paged = self._paged_channel().take(logits.shape[0], index_t[poe_t])
         teacher = torch.log_softmax(logits[index_t, :vocab].float(), dim=-1)
         mixed = torch.empty_like(teacher)
         if poe:
             if self.paged:
-                proxy = torch.log_softmax(paged[index_t[poe_t], :vocab].float(), dim=-1)
+                proxy = torch.log_softmax(paged[:, :vocab].float(), dim=-1)
                 torch._assert_async(torch.isfinite(proxy).all(),
                                     "the defense's proxy returned NaN or inf; refusing to release this step")
             else:

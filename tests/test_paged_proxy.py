@@ -16,21 +16,22 @@ from distillgame.engine import EngineConfig
 from distillgame.plugins.paged_proxy import ARCHITECTURE, TEACHER_ARCHITECTURES, ProxyLogits
 
 
-def test_a_take_returns_the_steps_logits_once_and_refuses_anything_else():
+def test_a_take_runs_the_head_on_the_asked_rows_once_and_refuses_anything_else():
     channel = ProxyLogits()
-    with pytest.raises(RuntimeError, match="no proxy logits"):
-        channel.take(2)
-    logits = torch.randn(3, 5)
-    channel.put(logits)
+    rows = torch.tensor([2, 0])
+    with pytest.raises(RuntimeError, match="no proxy states"):
+        channel.take(2, rows)
+    hidden, head = torch.randn(3, 4), torch.randn(4, 7)
+    channel.put(hidden, lambda h: h @ head)
     with pytest.raises(RuntimeError, match="3 rows for a step sampling 2"):
-        channel.take(2)
+        channel.take(2, rows)
     # The failed take emptied it too: a stale step never reaches the next one.
-    with pytest.raises(RuntimeError, match="no proxy logits"):
-        channel.take(3)
-    channel.put(logits)
-    assert channel.take(3) is logits
-    with pytest.raises(RuntimeError, match="no proxy logits"):
-        channel.take(3)
+    with pytest.raises(RuntimeError, match="no proxy states"):
+        channel.take(3, rows)
+    channel.put(hidden, lambda h: h @ head)
+    torch.testing.assert_close(channel.take(3, rows), hidden[rows] @ head, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no proxy states"):
+        channel.take(3, rows)
 
 
 def test_auto_runs_a_llama_proxy_on_vllm_layers_keeping_the_teachers_architecture(tiny_pair):
