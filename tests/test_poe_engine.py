@@ -50,6 +50,7 @@ def tiny_llm_transformers(tiny_pair):
     teacher, proxy = tiny_pair
     llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(proxy), dtype="float32", max_model_len=256,
                                  max_num_seqs=16, memory_share=0.12, proxy_runner="transformers",
+                                 disable_log_stats=False,
                                  extra_defense={"initial_cache_len": 8}))
     yield llm
     shutdown(llm)
