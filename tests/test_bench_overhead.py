@@ -65,9 +65,13 @@ def test_overhead_quick_report(tmp_path):
     assert (out / "overhead.md").read_text().startswith("# Defense overhead")
     assert (out / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {(r["mode"], r["concurrency"]): r for r in report["results"]}
-    assert set(rows) == {(m, c) for m in ("none", "poe", "ads") for c in (1, 8)}
+    # One server per proxy runner: the vllm runner's arms are MODE@vllm, against the same baseline.
+    arms = ("none", "poe", "ads", "none@vllm", "poe@vllm", "ads@vllm")
+    assert set(rows) == {(m, c) for m in arms for c in (1, 8)}
     assert [p["concurrency"] for p in report["proxy_alone"]] == [1, 8]
-    for (mode, c), r in rows.items():
+    for (arm, c), r in rows.items():
+        mode = arm.split("@")[0]
+        assert r["runner"] == ("vllm" if "@" in arm else "transformers")
         assert r["tokens"] > 0 and r["requests"] == max(2, c)
         assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
         assert 0 < r["ttft_p50"] <= r["ttft_p99"]
@@ -76,8 +80,10 @@ def test_overhead_quick_report(tmp_path):
         proxy = next(p for p in report["proxy_alone"] if p["concurrency"] == c)
         tp_tt = base["tok_per_s"] / proxy["tok_per_s"]
         assert r["limit"] == pytest.approx(1 + {"none": 0, "poe": 1, "ads": 2}[mode] * tp_tt)
-        if mode == "none":
+        if arm == "none":
             assert r["ratio"] == pytest.approx(1.0)
+        elif mode == "none":
+            assert r["normalized_overhead"] is None
         else:
             assert r["normalized_overhead"] == pytest.approx((r["ratio"] - 1) / tp_tt)
             assert r["paper_normalized_overhead"] == {"poe": 1.49, "ads": 4.5}[mode]
