@@ -57,6 +57,10 @@ class EngineConfig:
     # "transformers" (beside the engine, dense KV per slot), or "auto": vllm
     # where vLLM has a model class for the proxy's architecture.
     proxy_runner: str = "auto"
+    # False where no request can ask this engine for PoE (the server knows from
+    # its policy). auto then keeps the proxy beside the engine, where only ADS
+    # uses it, rather than running its layers on every scheduled token.
+    poe_served: bool = True
     # Any other vLLM engine argument, applied last (e.g. enable_chunked_prefill).
     # Settings the defense does not run under (speculative_config,
     # async_scheduling=True, enable_prompt_embeds) make the engine refuse to start.
@@ -120,6 +124,10 @@ class EngineConfig:
         if self.proxy_runner not in ("auto", "vllm", "transformers"):
             raise ValueError(f"proxy_runner must be 'auto', 'vllm' or 'transformers', not {self.proxy_runner!r}")
         if self.proxy_runner == "transformers":
+            return None
+        if self.proxy_runner == "auto" and not self.poe_served:
+            logger.info("the proxy runs on transformers beside the engine: no PoE is served, and ADS needs "
+                        "forward-mode tangents that vLLM's attention kernels do not carry")
             return None
         from transformers import AutoConfig
 

@@ -72,6 +72,7 @@ from distillgame.plugins.mixing import (
     Defense,
     ads_tilt,
     ads_tilt_derivative,
+    all_finite,
     kl_and_agreement,
     parse_defense,
     poe_mix,
@@ -512,7 +513,7 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             # Fail closed on a non-finite proxy (e.g. float16 overflow): the mix
             # would turn it into the tempered or plain teacher. Asynchronous on
             # GPUs: the step fails at vLLM's own sync, before any token is released.
-            torch._assert_async(torch.isfinite(logprobs[:, : self.vocab]).all(),
+            torch._assert_async(all_finite(logprobs[:, : self.vocab]),
                                 "the defense's proxy returned NaN or inf; refusing to release this step")
             outputs[key] = (logprobs, positions)
         for row, new in zip(rows, news):
@@ -527,7 +528,7 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         if poe:
             if self.paged:
                 proxy = torch.log_softmax(paged[:, :vocab].float(), dim=-1)
-                torch._assert_async(torch.isfinite(proxy).all(),
+                torch._assert_async(all_finite(proxy),
                                     "the defense's proxy returned NaN or inf; refusing to release this step")
             else:
                 proxy = self._answers(outputs, rows, poe, role=0)

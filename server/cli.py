@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="where PoE's proxy runs: on vLLM's layers with its KV in the engine's paged cache "
                         "(vllm; it then runs on every scheduled token, defended or not), beside the engine "
                         "on transformers (only for defended rows), or auto: vllm where vLLM has the proxy's "
-                        "architecture")
+                        "architecture and the policy has a PoE tier")
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
     p.add_argument("--gamma", type=float, default=None,
@@ -129,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
         teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file, proxy_runner=args.proxy_runner,
+        poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
         extra_defense={"ads_method": args.ads_method,
                        **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
     )

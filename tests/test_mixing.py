@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distillgame.plugins.mixing import (
+    all_finite,
     Defense,
     ads_tilt,
     flat_defense_args,
@@ -71,6 +72,18 @@ def test_kl_is_infinite_when_the_release_puts_mass_where_the_teacher_has_none():
     released = torch.tensor([[0.0, 1.0, 0.5]])
     kl, _ = kl_and_agreement(released, teacher)
     assert kl.item() == math.inf
+
+
+@pytest.mark.parametrize("planted", [math.nan, math.inf, -math.inf, (math.inf, -math.inf)])
+def test_all_finite_catches_every_non_finite_element_that_isfinite_does(planted):
+    values = torch.log_softmax(torch.randn(4, 1000), dim=-1)
+    assert bool(all_finite(values)) and bool(all_finite(values[:0]))
+    for value, col in zip(planted if isinstance(planted, tuple) else (planted,), (17, 901)):
+        values[2, col] = value
+    assert not bool(torch.isfinite(values).all())
+    assert not bool(all_finite(values)), f"{planted} in one row went unnoticed"
+    # Half precision is summed in float32: 4 x 1000 entries of -60000 are finite and stay so.
+    assert bool(all_finite(torch.full((4, 1000), -6e4, dtype=torch.float16)))
 
 
 def test_ads_tilt_is_the_scaled_finite_difference():

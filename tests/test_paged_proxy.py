@@ -41,6 +41,12 @@ def test_auto_runs_a_llama_proxy_on_vllm_layers_keeping_the_teachers_architectur
     assert overrides == {"architectures": [ARCHITECTURE], TEACHER_ARCHITECTURES: ["LlamaForCausalLM"]}
     config.proxy_runner = "transformers"
     assert "hf_overrides" not in config.engine_kwargs()
+    # An engine that serves no PoE keeps the proxy beside it for ADS alone,
+    # unless the runner is named.
+    config.proxy_runner, config.poe_served = "auto", False
+    assert "hf_overrides" not in config.engine_kwargs()
+    config.proxy_runner = "vllm"
+    assert config.engine_kwargs()["hf_overrides"] == overrides
     config.proxy_runner = "paged"
     with pytest.raises(ValueError, match="proxy_runner must be"):
         config.engine_kwargs()
