@@ -17,8 +17,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from distillgame.engine import EngineConfig
+    from distillgame.server.policy import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +103,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
-def serve(args: argparse.Namespace) -> int:
+def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
+    """The engine ``serve`` starts for ``args`` and ``policy`` (no engine is started here)."""
     from distillgame import models
     from distillgame.engine import EngineConfig
+
+    teacher, proxy = models.resolve(args.teacher, "teacher"), models.resolve(args.proxy, "proxy")
+    if args.max_model_len is None:
+        args.max_model_len = default_max_model_len(teacher, proxy)
+        logger.info("max_model_len %d (what the teacher and proxy support, at most %d; --max-model-len sets it)",
+                    args.max_model_len, MAX_MODEL_LEN_CAP)
+    return EngineConfig(
+        teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
+        fault_file=args.fault_file, proxy_runner=args.proxy_runner,
+        poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
+        extra_defense={"ads_method": args.ads_method,
+                       **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
     from distillgame.server.app import ServerState, create_app
     from distillgame.server.metrics import ServerMetrics
     from distillgame.server.policy import DEFAULT_GAMMA, DEFAULT_KL_BUDGET, default_policy, load_policy
@@ -120,19 +143,7 @@ def serve(args: argparse.Namespace) -> int:
         # Otherwise the first ADS request would fail inside the engine and take it down.
         logger.error("the policy has an ADS tier but no --ads-grad was given")
         return 2
-    teacher, proxy = models.resolve(args.teacher, "teacher"), models.resolve(args.proxy, "proxy")
-    if args.max_model_len is None:
-        args.max_model_len = default_max_model_len(teacher, proxy)
-        logger.info("max_model_len %d (what the teacher and proxy support, at most %d; --max-model-len sets it)",
-                    args.max_model_len, MAX_MODEL_LEN_CAP)
-    config = EngineConfig(
-        teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
-        fault_file=args.fault_file, proxy_runner=args.proxy_runner,
-        poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
-        extra_defense={"ads_method": args.ads_method,
-                       **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
-    )
+    config = engine_config(args, policy)
     kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
     metrics = ServerMetrics()
     supervisor = EngineSupervisor(

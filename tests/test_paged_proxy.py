@@ -61,3 +61,25 @@ def test_a_proxy_vllm_has_no_class_for_stays_on_transformers_or_is_refused(tiny_
     assert "hf_overrides" not in EngineConfig(teacher=str(teacher), proxy=str(odd)).engine_kwargs()
     with pytest.raises(ValueError, match="NoSuchModelForCausalLM"):
         EngineConfig(teacher=str(teacher), proxy=str(odd), proxy_runner="vllm").engine_kwargs()
+
+
+def test_serve_keeps_the_proxy_beside_the_engine_for_a_policy_without_poe(tiny_pair, tmp_path):
+    from distillgame.cli import build_parser
+    from distillgame.server.cli import engine_config
+    from distillgame.server.policy import default_policy, load_policy
+
+    teacher, proxy = tiny_pair
+    ads_only = tmp_path / "ads.toml"
+    ads_only.write_text('anonymous_tier = "t"\n[tiers.t.defense]\nmode = "ads"\nlam = 0.05\neps = 1e-4\n')
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(ads_only.read_text() + '[tiers.p.defense]\nmode = "poe"\ngamma = 0.5\n')
+
+    def kwargs(policy, *flags):
+        args = build_parser().parse_args(["serve", "--teacher", str(teacher), "--proxy", str(proxy), *flags])
+        return engine_config(args, policy).engine_kwargs()
+
+    assert "hf_overrides" not in kwargs(load_policy(ads_only))
+    assert kwargs(load_policy(mixed))["hf_overrides"]["architectures"] == [ARCHITECTURE]
+    assert kwargs(default_policy())["hf_overrides"]["architectures"] == [ARCHITECTURE]
+    # A named runner is the operator's choice, policy or not.
+    assert kwargs(load_policy(ads_only), "--proxy-runner", "vllm")["hf_overrides"]["architectures"] == [ARCHITECTURE]
