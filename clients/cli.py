@@ -124,6 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--clip", type=float, default=None, help="released protocol: clip of a")
     t.add_argument("--n-val-traces", type=int, default=None,
                    help="undefended teacher traces on the validation split for the released protocol's L_val")
+    t.add_argument("--timing-rounds", type=int, default=None,
+                   help="time cost: interleaved rounds of the same training prompts per setting (default 3)")
+    t.add_argument("--timing-prompts", type=int, default=None, help="time cost: prompts per setting and round (default 64)")
     t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
     t.add_argument("--base-url", default=None, help="attack a running server instead of starting one")
     t.set_defaults(func=_table)

@@ -56,7 +56,8 @@ def test_attack_table_smoke_writes_table1(tmp_path):
     cmd = [sys.executable, "-m", "distillgame.cli", "attack", "table", "--out", str(out), *models,
            "--settings", "none;poe:gamma=0.65", "--seeds", "1", "--n-train", "6", "--n-test", "6", "--n-val", "2",
            "--max-tokens", "48", "--epochs", "1", "--rank", "4", "--batch-size", "3", "--grad-accum", "1",
-           "--max-length", "256", "--attackers", "passive,adaptive-released", "--n-val-traces", "4"]
+           "--max-length", "256", "--attackers", "passive,adaptive-released", "--n-val-traces", "4",
+           "--timing-rounds", "2", "--timing-prompts", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -72,8 +73,14 @@ def test_attack_table_smoke_writes_table1(tmp_path):
         assert r["strongest"] in r["attackers"]
         assert all(set(a) == {"mean", "sem", "n", "dropped"} for a in r["attackers"].values())
         assert r["teacher_acc"]["n"] == 6
-        assert r["time_cost"] > 0
+        assert r["time_cost"] > 0 and r["timing"]["wall_s"] > 0 and r["timing"]["tokens"] > 0
     assert table["rows"][0]["time_cost"] == 1.0
+    # Two interleaved rounds of 3 prompts per setting, the second in the other order.
+    timing = json.loads((out / "runs" / "timing" / "timing.json").read_text())
+    assert timing["rounds"] == 2 and timing["prompts"] == 3
+    for r in range(2):
+        for setting in ("none", "poe-gamma0.65"):
+            assert len((out / "runs" / "timing" / f"round{r}" / f"{setting}.jsonl").read_text().splitlines()) == 3
     md = (out / "table1.md").read_text()
     assert "| Standard |" in md and "POE (gamma=0.65)" in md and "adaptive-released" in md
 
@@ -91,6 +98,17 @@ def test_attack_table_smoke_writes_table1(tmp_path):
         weights = [json.loads(x)["weight"] for x in (out / "runs" / setting / "adaptive-released-seed0" /
                                                      "values.jsonl").read_text().splitlines()]
         assert len(weights) == 6 and abs(sum(weights) / 6 - 1.0) < 1e-9 and max(weights) > min(weights)
+
+
+def test_time_cost_is_each_settings_wall_over_the_undefended_ones_and_per_token():
+    from distillgame.clients.attack.table import time_costs
+
+    costs = time_costs({"none": {"wall_s": 10.0, "tokens": 1000},
+                        "poe": {"wall_s": 16.0, "tokens": 800},
+                        "ads": {"wall_s": 30.0, "tokens": 1200}})
+    assert costs["none"] == {"time_cost": 1.0, "time_cost_per_token": 1.0}
+    assert costs["poe"]["time_cost"] == pytest.approx(1.6) and costs["poe"]["time_cost_per_token"] == pytest.approx(2.0)
+    assert costs["ads"]["time_cost"] == pytest.approx(3.0) and costs["ads"]["time_cost_per_token"] == pytest.approx(2.5)
 
 
 def test_attacker_columns_strongest_and_the_better_adaptive_protocol():
@@ -182,13 +200,18 @@ def test_server_child_dies_when_the_table_process_is_killed(tmp_path):
         "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    child = int(pid_file.read_text())
-    os.kill(child, 0)  # alive while its parent lives
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
+    try:
+        # The parent imports the attack package (torch, transformers, peft) first:
+        # over a minute on a loaded 2-core machine.
+        deadline = time.time() + 600
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            assert parent.poll() is None, "the parent exited before starting its child"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(child, 0)  # alive while its parent lives
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
     deadline = time.time() + 10
     while time.time() < deadline:
         try:

@@ -10,6 +10,8 @@ For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
    protocols, the two filters, and the placebo control on request) from the
    same traces, for each of S seeds (same data order, seed and steps);
 3. score every student on the test split with ``distillgame eval``;
+4. time every setting's generation on the same training prompts, in
+   interleaved rounds (``time_cost``; see :func:`time_settings`);
 
 then write ``table1.md``, ``table1.png`` (every attacker per setting), ``table1.json`` (per row: ``attackers: {NAME: {mean,
 sem, n, dropped}}``, the ``strongest`` attacker, ``passive_acc``,
@@ -168,6 +170,10 @@ class TableConfig:
     fd_eps: float = 0.01
     clip: float = 10.0
     n_val_traces: int = 128
+    # Time cost: the same training prompts through every setting, in rounds
+    # whose order rotates (see time_settings).
+    timing_rounds: int = 3
+    timing_prompts: int = 64
     # grad L_val is re-estimated every 4 optimizer steps: at every step it was 40%
     # of an adaptive step's time here (32 validation solutions, forward and backward).
     val_every: int = 4
@@ -203,7 +209,7 @@ class TableConfig:
                 data = json.loads(text)
         for key in ("teacher", "proxy", "student", "task", "seeds", "n_train", "n_test", "n_val", "max_tokens",
                     "epochs", "rank", "lr", "batch_size", "grad_accum", "max_length", "rho", "val_every", "workers",
-                    "base_url", "beta", "fd_eps", "clip", "n_val_traces"):
+                    "base_url", "beta", "fd_eps", "clip", "n_val_traces", "timing_rounds", "timing_prompts"):
             value = getattr(args, key, None)
             if value is not None:
                 data[key] = None if value == "default" else value
@@ -340,10 +346,16 @@ def eval_student(model: str, cfg: TableConfig, out_dir: Path) -> float:
     return float(json.loads(summary.read_text())["accuracy"])
 
 
+def _endpoint(cfg: TableConfig, base_url: str, api_key: str) -> dict[str, Any]:
+    """The CollectConfig fields every request of a setting shares."""
+    return dict(base_url=base_url, api_key=api_key,
+                model="teacher" if cfg.base_url is None else _first_model(base_url, api_key),
+                task=cfg.task, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
+
+
 def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: str) -> dict:
     d = cfg.work / setting.name
-    common = dict(base_url=base_url, api_key=api_key, model="teacher" if cfg.base_url is None else _first_model(base_url, api_key),
-                  task=cfg.task, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
+    common = _endpoint(cfg, base_url, api_key)
     traces = collect(CollectConfig(split="train", n=cfg.n_train, out=d / "traces.jsonl",
                                    temperature=cfg.temperature, seed=0, **common))
     teacher = collect(CollectConfig(split="test", n=cfg.n_test, out=d / "teacher_test.jsonl",
@@ -354,6 +366,63 @@ def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: 
         out["val_traces"] = collect(CollectConfig(split="validation", n=cfg.n_val_traces, out=d / "val_traces.jsonl",
                                                   temperature=cfg.temperature, seed=1_000_003, **common))
     return out
+
+
+def _timing_path(cfg: TableConfig) -> Path:
+    return cfg.work / "timing" / "timing.json"
+
+
+def _timed(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, float]] | None:
+    """A finished timing pass over exactly these settings and sizes (a rerun reuses it), else None."""
+    path = _timing_path(cfg)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    same = (saved.get("settings") == [s.name for s in settings] and saved.get("rounds") == cfg.timing_rounds
+            and saved.get("prompts") == cfg.timing_prompts)
+    return saved["per_setting"] if same else None
+
+
+def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str,
+                  keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Generation time per setting, what ``time_cost`` is computed from: {name: {wall_s, tokens}}.
+
+    The collections run one setting after another, so whatever load comes and
+    goes (the engine's warm-up, other work on the machine) lands on one setting
+    only. Here each of ``timing_rounds`` rounds sends the same
+    ``timing_prompts`` training prompts through every setting, at the
+    collections' concurrency and temperature, in an order that rotates each
+    round; walls and completion tokens are summed per setting.
+    """
+    import shutil
+
+    root = cfg.work / "timing"
+    shutil.rmtree(root, ignore_errors=True)
+    common = {s.name: _endpoint(cfg, base_url, keys[s.name]) for s in settings}
+    # One untimed pass first: a resumed table may be timing a server that has served nothing yet.
+    for s in settings:
+        collect(CollectConfig(split="train", n=min(8, cfg.timing_prompts), out=root / "warmup" / f"{s.name}.jsonl",
+                              temperature=cfg.temperature, seed=0, **common[s.name]))
+    totals = {s.name: {"wall_s": 0.0, "tokens": 0} for s in settings}
+    for r in range(cfg.timing_rounds):
+        k = r % len(settings)
+        for s in settings[k:] + settings[:k]:
+            summary = collect(CollectConfig(split="train", n=cfg.timing_prompts, out=root / f"round{r}" / f"{s.name}.jsonl",
+                                            temperature=cfg.temperature, seed=r, **common[s.name]))
+            totals[s.name]["wall_s"] += summary["wall_s_this_run"]
+            totals[s.name]["tokens"] += summary["completion_tokens"]
+    _timing_path(cfg).write_text(json.dumps({"settings": [s.name for s in settings], "rounds": cfg.timing_rounds,
+                                             "prompts": cfg.timing_prompts, "per_setting": totals}, indent=2))
+    return totals
+
+
+def time_costs(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per setting: wall time relative to ``none`` (``time_cost``), and the same per generated token."""
+    none = timing["none"]
+    per_token_none = none["wall_s"] / max(1, none["tokens"])
+    return {name: {"time_cost": t["wall_s"] / none["wall_s"],
+                   "time_cost_per_token": (t["wall_s"] / max(1, t["tokens"])) / per_token_none}
+            for name, t in timing.items()}
 
 
 def _needs_val_traces(cfg: TableConfig) -> bool:
@@ -523,8 +592,10 @@ def write_markdown(path: Path, result: dict) -> None:
     rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
              "Adaptive = the better of the two adaptive protocols (minibatch: eq. 3 tilted per minibatch; released: "
              "the authors' fixed weights from theta_0). Rel. gain = adaptive / passive - 1. Strongest = the attacker "
-             "with the highest mean (the placebo control excluded). Time cost = summed request latency of trace "
-             "generation relative to the undefended teacher (same prompts, same concurrency).", "",
+             "with the highest mean (the placebo control excluded). Time cost = wall time of generation relative to "
+             f"the undefended teacher, summed over {result['config']['timing_rounds']} interleaved rounds of the same "
+             f"{result['config']['timing_prompts']} training prompts per setting (same concurrency, order rotated "
+             "each round).", "",
              f"Command: `{result['command']}`", ""]
     path.write_text("\n".join(rows))
 
@@ -603,13 +674,18 @@ def run_table(cfg: TableConfig) -> dict:
 
     collected: dict[str, dict] = {s.name: done for s in settings if (done := _collected(cfg, s)) is not None}
     todo = [s for s in settings if s.name not in collected]
-    server = Server(cfg, settings) if cfg.base_url is None and todo else None
+    timing = _timed(cfg, settings)
+    server = Server(cfg, settings) if cfg.base_url is None and (todo or timing is None) else None
+    base_url = server.base_url if server else cfg.base_url
+    keys = server.keys if server else {s.name: s.api_key or "EMPTY" for s in settings}
     try:
         for s in todo:
-            base_url = server.base_url if server else cfg.base_url
-            key = server.keys[s.name] if server else (s.api_key or "EMPTY")
             log.info("collecting %s through %s", s.name, base_url)
-            collected[s.name] = collect_setting(cfg, s, base_url, key)
+            collected[s.name] = collect_setting(cfg, s, base_url, keys[s.name])
+        if timing is None:
+            log.info("timing %d settings: %d interleaved rounds of %d prompts", len(settings), cfg.timing_rounds,
+                     cfg.timing_prompts)
+            timing = time_settings(cfg, settings, base_url, keys)
     finally:
         if server:
             server.close()  # frees the engine's memory for training and evaluation
@@ -617,18 +693,13 @@ def run_table(cfg: TableConfig) -> dict:
     base_acc = eval_student(cfg.student, cfg, cfg.work / "student-base" / "eval")
     accs = distill_all(cfg, settings)
 
-    wall_none = collected["none"]["traces"]["latency_s_sum"] if "none" in collected else None
+    costs = time_costs(timing)
     rows = []
     for s in settings:
         c = collected[s.name]
         t = c["teacher"]
         p = t["accuracy"]
         agg = aggregate_attackers(accs[s.name])
-        # Resumed collections have partial per-run wall times; summed request latencies
-        # over the same prompts at the same concurrency are the comparable quantity.
-        wall = c["traces"]["latency_s_sum"]
-        tokens = max(1, c["traces"]["completion_tokens"])
-        tokens_none = max(1, collected["none"]["traces"]["completion_tokens"])
         rows.append({
             "teacher": s.name,
             "label": s.label,
@@ -638,8 +709,8 @@ def run_table(cfg: TableConfig) -> dict:
             "runs": {a: [c["acc"] for c in cells] for a, cells in accs[s.name].items()},
             "passive_runs": [c["acc"] for c in accs[s.name]["passive"]],
             "adaptive_runs": [c["acc"] for c in accs[s.name][agg["adaptive"]]] if agg["adaptive"] else None,
-            "time_cost": wall / wall_none if wall_none else None,
-            "time_cost_per_token": (wall / tokens) / (wall_none / tokens_none) if wall_none else None,
+            **costs[s.name],
+            "timing": timing[s.name],
             "trace_accuracy": c["traces"]["accuracy"],
             "trace_tokens": c["traces"]["completion_tokens"],
         })
