@@ -105,10 +105,34 @@ def time_runners(args: argparse.Namespace) -> dict[str, Any]:
                     times[mode]["host"].append(queued - start)
                     times[mode]["wall"].append(end - start)
         results[str(batch)] = times
+        if batch == args.profile_batch:
+            for mode, runner in runners.items():
+                token = _profile(runner, slots, mode, args, token, vocab)
         del runners
         if device == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def _profile(runner, slots: list[int], mode: str, args: argparse.Namespace, token: int, vocab: int) -> int:
+    """Profile ``args.profile_steps`` decode steps of ``runner``; write the op table and return the next token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            token += 1
+            runner.step(slots, [[token % vocab]] * len(slots))
+            _sync(args.device)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                      "cudaLaunchKernelExC"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile_{mode}_b{len(slots)}.txt").write_text(
+        f"{mode}, batch {len(slots)}, {args.profile_steps} decode steps; kernel launches per step: "
+        f"{launches / args.profile_steps:.0f}\n\n{table}\n")
+    print(f"profile {mode} b{len(slots)}: {launches / args.profile_steps:.0f} kernel launches per step")
+    return token
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -138,6 +162,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Milliseconds per decode step by batch size, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    batches = [r["batch"] for r in rows]
+    for mode, label in (("poe", "PoE runner"), ("ads", "ADS runner (forward mode)"),
+                        ("teacher_eager", "teacher, eager (scale)")):
+        ax.plot(batches, [r[f"{mode}_ms"] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (decode rows)")
+    ax.set_ylabel("ms per decode step")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def machine(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpus": os.cpu_count()}
@@ -157,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per mode and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile-batch", type=int, default=None,
+                        help="also profile this batch size's steps (torch profiler; profile_MODE_bB.txt)")
+    parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/runner_step"))
     args = parser.parse_args(argv)
     results = time_runners(args)
@@ -172,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Context {args.context} tokens per row; median of {args.rounds} x {args.steps} steps per mode, "
         f"modes interleaved by round. Host share: time until the step returned over time until the device "
         f"finished (near 1: bound by launching kernels).\n\n{table}\n")
+    save_plot(rows, args.out / "runner_step.png", f"proxy runners' decode step, {args.dtype} on {where}")
     print(table)
     return 0
 
