@@ -172,6 +172,9 @@ class JvpProxyRunner(SlotRunner):
         n_layers = len(self.layers)
         keys, values = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), layer_idx)
         dkeys, dvalues = self.cache.update(dk.transpose(1, 2), dv.transpose(1, 2), n_layers + layer_idx)
+        # The cache's views skip each slot's unused tail; the products below run about 2x
+        # faster on a contiguous copy than on those strided views (bf16 on CPUs), copy included.
+        keys, values, dkeys, dvalues = (x.contiguous() for x in (keys, values, dkeys, dvalues))
         b, t = q.shape[0], q.shape[1]
         rep = self.num_heads // self.num_kv_heads
 
@@ -180,16 +183,23 @@ class JvpProxyRunner(SlotRunner):
                 b, self.num_kv_heads, rep * t, self.head_dim)
 
         q, dq = fold(q), fold(dq)
-        kt, dkt = keys.transpose(-1, -2), dkeys.transpose(-1, -2)
-        scores = torch.matmul(q, kt).float() * self.scale
-        dscores = (torch.matmul(dq, kt) + torch.matmul(q, dkt)).float() * self.scale
+        rows = q.shape[2]
+        # Keys on the left, queries (and their tangents, stacked) on the right: the cache
+        # is read in its own layout, once per product. The other way round
+        # (q @ keys^T) made a contiguous copy of the transposed keys for every product:
+        # 14 of 113 ms of a decode step (embedded proxy, 32 rows of 256 tokens, 2 CPU cores).
+        both = torch.matmul(keys, torch.cat([q, dq], dim=2).transpose(-1, -2))  # [B, Hkv, kv, 2 * rows]
+        scores = both[..., :rows].transpose(-1, -2).float() * self.scale
+        dscores = (both[..., rows:] + torch.matmul(dkeys, q.transpose(-1, -2))).transpose(-1, -2).float() * self.scale
         fmask = mask.repeat(1, 1, rep, 1)  # [B, 1, rep * T, kv]
         probs = torch.softmax(scores.masked_fill_(~fmask, float("-inf")), dim=-1)
         # softmax' : dP = P * (dS - sum(P * dS))
         dprobs = probs * (dscores - (probs * dscores).sum(-1, keepdim=True))
         probs, dprobs = probs.to(self.dtype), dprobs.to(self.dtype)
-        attn = torch.matmul(probs, values)
-        dattn = torch.matmul(dprobs, values) + torch.matmul(probs, dvalues)
+        # The values too are read once for the output and its tangent's first term.
+        mixed = torch.matmul(torch.cat([probs, dprobs], dim=2), values)
+        attn = mixed[:, :, :rows]
+        dattn = mixed[:, :, rows:] + torch.matmul(probs, dvalues)
 
         def unfold(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, rep * T, D] -> [B * T, H * D]
             return x.view(b, self.num_kv_heads, rep, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b * t, -1)
