@@ -46,7 +46,16 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     bare = {r["mode"]: r for r in build_report(teacher, None, BenchConfig.quick(), "x")["results"]}
     assert bare["poe"]["limit"] is None and "normalized_overhead" not in bare["poe"]
     md = markdown(report)
-    assert "| poe | 1 | 50.0 |" in md and "| 2.00 | 1.25 | 1.60 | 4.00 (1.49) |" in md
+    assert "| poe | 1 | 50.0 |" in md and "| 2.00 | 1.25 | 1.60 | - | 4.00 (1.49) |" in md
+    # Per round, paired with the baseline's same round: teacher 100 then 50 tok/s, PoE 50 then 40.
+    two = {1: {"none": aggregate([1.0, 2.0], [RequestSample(0.1, 0.01, 50)] * 4, [100, 100]),
+               "poe": aggregate([2.0, 2.5], [RequestSample(0.1, 0.02, 50)] * 4, [100, 100])}}
+    paired = {r["mode"]: r for r in build_report(two, proxy, BenchConfig.quick(), "x")["results"]}
+    assert paired["poe"]["round_ratios"] == pytest.approx([2.0, 1.25])
+    # The floor is the run's: teacher 200 tokens in 3 s against the proxy's 400 tok/s, 1 + 1/6.
+    assert paired["poe"]["limit"] == pytest.approx(7 / 6)
+    assert paired["poe"]["round_ratio_over_limit"] == pytest.approx([2.0 * 6 / 7, 1.25 * 6 / 7])
+    assert "| 1.07-1.71 |" in markdown({**report, "results": list(paired.values())})
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "overhead.json").read_text())["results"] == report["results"]
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
