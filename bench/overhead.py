@@ -9,8 +9,9 @@ it reports output tokens/s, TTFT and TPOT p50/p99 and the time-cost ratio to the
 undefended mode of the same run.
 
 The limit: a second server serves the proxy alone, undefended, with the same
-harness; its tokens/s against the teacher's gives ``t_p / t_t`` per
-concurrency, and the physical limit of the ratio is ``1 + t_p/t_t`` for PoE
+harness, as one more arm of the same interleaved rounds (``PROXY_ARM``); its
+tokens/s against the teacher's gives ``t_p / t_t`` per concurrency, and per
+round, and the physical limit of the ratio is ``1 + t_p/t_t`` for PoE
 (one proxy forward per step) and ``1 + 2 t_p/t_t`` for ADS (two perturbed
 proxies). ``(ratio - 1) / (t_p/t_t)`` is the normalized overhead (the paper's
 Table 1: 1.49 for PoE, 4.5 for ADS).
@@ -62,6 +63,8 @@ PAPER_RATIO = {"poe": 1.64, "ads": 2.93}
 PROXY_FACTOR = {"none": 0, "poe": 1, "ads": 2}  # proxy forwards per step
 
 KEYS = {mode: f"sk-bench-{mode}" for mode in MODES}
+# The arm of the proxy served alone (undefended), measured in the same rounds as the teacher's arms.
+PROXY_ARM = "proxy-alone"
 
 POLICY = """
 [tiers.none]
@@ -397,10 +400,18 @@ def build_report(teacher: dict[int, dict[str, ModeStats]], proxy: dict[int, dict
                 # spread is the run's own measure of how much one round can be trusted.
                 "round_ratios": [b / x for b, x in zip(base.round_tok_per_s, st.round_tok_per_s)],
             }
+            proxy_rounds = proxy[c]["none"].round_tok_per_s if proxy is not None and c in proxy else []
             if tp_over_tt is not None:
                 row["limit"] = 1.0 + PROXY_FACTOR[arm_mode(m)] * tp_over_tt
                 row["ratio_over_limit"] = ratio / row["limit"]
-                row["round_ratio_over_limit"] = [x / row["limit"] for x in row["round_ratios"]]
+                k = PROXY_FACTOR[arm_mode(m)]
+                if len(proxy_rounds) == len(row["round_ratios"]):
+                    # The proxy ran in the same rounds: each round against its own floor.
+                    row["round_ratio_over_limit"] = [
+                        x / (1.0 + k * b / pr) for x, b, pr in zip(row["round_ratios"], base.round_tok_per_s,
+                                                                   proxy_rounds)]
+                else:
+                    row["round_ratio_over_limit"] = [x / row["limit"] for x in row["round_ratios"]]
                 row["normalized_overhead"] = (ratio - 1.0) / tp_over_tt if arm_mode(m) != "none" else None
             else:
                 row["limit"] = None
@@ -568,23 +579,25 @@ def run_overhead(cfg: BenchConfig, out_dir: Path, url: str | None = None, comman
             for runner in cfg.proxy_runners:
                 servers[runner] = Server(server_args(cfg, policy, cfg.teacher, cfg.proxy, grad, runner),
                                          work / f"serve-teacher-{runner}.log")
+            if cfg.limit:
+                # The floor's proxy alone is one more arm of the same rounds, so load that comes
+                # and goes reaches the floor as it reaches the modes.
+                proxy_dir = str(models.resolve(cfg.proxy, "proxy"))
+                servers[PROXY_ARM] = Server(server_args(cfg, policy, proxy_dir, proxy_dir, grad),
+                                            work / "serve-proxy.log")
             endpoints: dict[str, tuple[str, str]] = {}
-            for runner, server in servers.items():
+            for name, server in servers.items():
                 server.wait_ready()
-                endpoints.update(endpoints_of(server.url, list(MODES), runner))
+                if name == PROXY_ARM:
+                    endpoints[PROXY_ARM] = (server.url, KEYS["none"])
+                else:
+                    endpoints.update(endpoints_of(server.url, list(MODES), name))
             teacher_stats = asyncio.run(measure(endpoints, cfg, label="teacher"))
         finally:
             for server in servers.values():
                 server.stop()
-        proxy_stats = None
-        if cfg.limit:
-            proxy_dir = str(models.resolve(cfg.proxy, "proxy"))
-            server = Server(server_args(cfg, policy, proxy_dir, proxy_dir, grad), work / "serve-proxy.log")
-            try:
-                server.wait_ready()
-                proxy_stats = asyncio.run(measure(endpoints_of(server.url, ["none"]), cfg, label="proxy alone"))
-            finally:
-                server.stop()
+        proxy_stats = ({c: {"none": by_arm.pop(PROXY_ARM)} for c, by_arm in teacher_stats.items()}
+                       if cfg.limit else None)
     report = build_report(teacher_stats, proxy_stats, cfg, command, note)
     write_report(report, out_dir)
     return report

@@ -56,6 +56,11 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     assert paired["poe"]["limit"] == pytest.approx(7 / 6)
     assert paired["poe"]["round_ratio_over_limit"] == pytest.approx([2.0 * 6 / 7, 1.25 * 6 / 7])
     assert "| 1.07-1.71 |" in markdown({**report, "results": list(paired.values())})
+    # With the proxy alone in the same two rounds (400 then 200 tok/s), each round has its own floor:
+    # 1 + 100/400 and 1 + 50/200, both 1.25.
+    same_rounds = {1: {"none": aggregate([1.0, 1.0], [RequestSample(0.1, 0.0025, 150)] * 4, [400, 200])}}
+    own = {r["mode"]: r for r in build_report(two, same_rounds, BenchConfig.quick(), "x")["results"]}
+    assert own["poe"]["round_ratio_over_limit"] == pytest.approx([2.0 / 1.25, 1.25 / 1.25])
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "overhead.json").read_text())["results"] == report["results"]
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
