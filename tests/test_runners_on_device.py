@@ -16,6 +16,7 @@ start at 4 positions).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,9 +181,9 @@ def test_runner_step_bench_writes_its_table(tiny_pair, tmp_path):
 
 def test_the_gpu_check_refuses_a_machine_without_cuda():
     """Run as a module (how a GPU machine without the server's dependencies runs it): exit 2, saying why."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    # No visible GPU, also on a machine that has one, so the refusal runs everywhere.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "distillgame.check", "--gpu", "--runners-only"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no CUDA device" in proc.stderr
