@@ -128,6 +128,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time cost: interleaved rounds of the same training prompts per setting (default 3)")
     t.add_argument("--timing-prompts", type=int, default=None, help="time cost: prompts per setting and round (default 64)")
     t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
+    t.add_argument("--collect-only", action="store_true",
+                   help="stop after the collections and the timing (the stages that need the server)")
     t.add_argument("--base-url", default=None, help="attack a running server instead of starting one")
     t.set_defaults(func=_table)
 
@@ -258,5 +260,8 @@ def _table(args: argparse.Namespace) -> int:
     _quiet_http()
     cfg = TableConfig.from_args(args)
     result = run_table(cfg)
+    if cfg.collect_only:
+        log.info("collected %s", result["collected"])
+        return 0
     log.info("Table 1 written to %s", result["markdown"])
     return 0

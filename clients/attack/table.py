@@ -139,8 +139,13 @@ class TableConfig:
         default_factory=lambda: parse_settings("none;poe:gamma=0.65;ads:lam=0.75,eps=1e-4")
     )
     sweep: bool = False
-    sweep_gamma: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.65, 0.8])
-    sweep_lam: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    # The frontier's strengths (with the Table 1 points they give >= 5 per defense).
+    # On the zoo, KL(released || teacher) per token is 0.094 at gamma 0.5, 0.25 at
+    # 0.62 and 0.67 at 0.75 (PoE); 0.024 at lam 0.64, 0.17 at 1.28 and 0.70 at
+    # 2.56 (ADS) (bench/results/calibrate_zoo); the largest lam is the candidate
+    # poisoning point.
+    sweep_gamma: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.8, 0.9])
+    sweep_lam: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.5])
     seeds: int = 3
     n_train: int = 1000
     n_test: int = 500
@@ -186,6 +191,8 @@ class TableConfig:
     )
     eval_args: list[str] = field(default_factory=lambda: ["--memory-share", "0.1", "--max-model-len", "512"])
     command: str = ""
+    # Stop after the collections and the timing (the only stages that need the server).
+    collect_only: bool = False
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -216,6 +223,7 @@ class TableConfig:
         if args.settings:
             data["settings"] = parse_settings(args.settings)
         data["sweep"] = bool(args.sweep or data.get("sweep", False))
+        data["collect_only"] = bool(getattr(args, "collect_only", False) or data.get("collect_only", False))
         if getattr(args, "attackers", None):
             data["attackers"] = args.attackers
         data["placebo"] = bool(getattr(args, "placebo", False) or data.get("placebo", False))
@@ -353,11 +361,51 @@ def _endpoint(cfg: TableConfig, base_url: str, api_key: str) -> dict[str, Any]:
                 task=cfg.task, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
 
 
+def fidelity_counters(base_url: str) -> dict[str, dict[str, float]] | None:
+    """The server's cumulative fidelity counters per defense mode from ``/metrics``
+    (``{mode: {"kl", "tokens", "agree"}}``), or None where the endpoint has none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(f"{root}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    names = {"distillgame_fidelity_kl_nats": "kl", "distillgame_fidelity_tokens": "tokens",
+             "distillgame_fidelity_argmax_agree_tokens": "agree"}
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in names:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out.setdefault(sample.labels["mode"], {})[names[family.name]] = sample.value
+    return out or None
+
+
+def fidelity_delta(before: dict | None, after: dict | None, mode: str) -> dict[str, float] | None:
+    """KL(released || teacher) per token and argmax agreement over one setting's requests: the
+    counters of its defense mode after minus before (settings are collected one at a time)."""
+    if not after or mode not in after:
+        return None
+    b = (before or {}).get(mode, {})
+    tokens = after[mode].get("tokens", 0.0) - b.get("tokens", 0.0)
+    if tokens <= 0:
+        return None
+    return {"tokens": tokens, "kl_per_token": (after[mode].get("kl", 0.0) - b.get("kl", 0.0)) / tokens,
+            "argmax_agreement": (after[mode].get("agree", 0.0) - b.get("agree", 0.0)) / tokens}
+
+
 def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: str) -> dict:
     d = cfg.work / setting.name
     common = _endpoint(cfg, base_url, api_key)
+    before = fidelity_counters(base_url)
     traces = collect(CollectConfig(split="train", n=cfg.n_train, out=d / "traces.jsonl",
                                    temperature=cfg.temperature, seed=0, **common))
+    fidelity = fidelity_delta(before, fidelity_counters(base_url), setting.defense.get("mode", "none"))
+    if fidelity is not None:
+        (d / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
     teacher = collect(CollectConfig(split="test", n=cfg.n_test, out=d / "teacher_test.jsonl",
                                     temperature=0.0, **common))
     out = {"traces": traces, "teacher": teacher}
@@ -373,14 +421,18 @@ def _timing_path(cfg: TableConfig) -> Path:
 
 
 def _timed(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, float]] | None:
-    """A finished timing pass over exactly these settings and sizes (a rerun reuses it), else None."""
+    """A finished timing pass over these settings (or more) at these sizes, else None.
+
+    A table without ``--sweep`` reuses the sweep's pass (its settings are a
+    subset), so the two share one server start and one set of rounds.
+    """
     path = _timing_path(cfg)
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    same = (saved.get("settings") == [s.name for s in settings] and saved.get("rounds") == cfg.timing_rounds
-            and saved.get("prompts") == cfg.timing_prompts)
-    return saved["per_setting"] if same else None
+    covers = (set(s.name for s in settings) <= set(saved.get("settings", [])) and saved.get("rounds") == cfg.timing_rounds
+              and saved.get("prompts") == cfg.timing_prompts)
+    return {s.name: saved["per_setting"][s.name] for s in settings} if covers else None
 
 
 def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str,
@@ -689,6 +741,8 @@ def run_table(cfg: TableConfig) -> dict:
     finally:
         if server:
             server.close()  # frees the engine's memory for training and evaluation
+    if cfg.collect_only:
+        return {"collected": {name: c["teacher"]["accuracy"] for name, c in collected.items()}, "timing": timing}
 
     base_acc = eval_student(cfg.student, cfg, cfg.work / "student-base" / "eval")
     accs = distill_all(cfg, settings)
