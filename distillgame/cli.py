@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "distillgame.bench.cli",  # bench
     "distillgame.check",  # check --gpu
     "distillgame.compare",  # compare
+    "distillgame.models",  # models teacher|proxy
 )
 
 

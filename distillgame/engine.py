@@ -11,6 +11,7 @@ Not for: serving or HTTP (see ``distillgame.server``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ def prepare_environment() -> None:
 
     vLLM 0.32 defaults to Model Runner V2 on GPUs, which has a different
     processor interface; the V1 runner (the CPU default) is the tested path.
+    The package's vLLM plugin sets the same for any defended engine; setting
+    it here first keeps processes that import vLLM's runner early consistent.
     """
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
@@ -78,7 +81,18 @@ class EngineConfig:
         return section
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.LLM`` or ``vllm.AsyncEngineArgs``."""
+        """Keyword arguments for ``vllm.LLM`` or ``vllm.AsyncEngineArgs``.
+
+        What the defense itself needs from the engine (processed logprobs, no
+        async scheduling, the worker extension, the V1 runner) is not listed
+        here: the package's vLLM plugin sets it on every engine whose
+        ``additional_config`` has a ``distillgame`` section, whoever builds it
+        (:mod:`distillgame.plugins.vllm_plugin`).
+        """
+        overrides = self.hf_overrides()
+        section = self.defense_section()
+        # Pinned, so the plugin does not reopen the choice made here with the policy in view.
+        section.setdefault("proxy_runner", "vllm" if overrides else "transformers")
         kwargs: dict[str, Any] = dict(
             model=models.resolve(self.teacher, "teacher"),
             dtype=self.dtype,
@@ -87,19 +101,9 @@ class EngineConfig:
             gpu_memory_utilization=self.memory_share,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
-            # Returned logprobs must describe the released (defended)
-            # distribution; vLLM's default reports the raw teacher's.
-            logprobs_mode="processed_logprobs",
-            additional_config={"distillgame": self.defense_section()},
+            additional_config={"distillgame": section},
             disable_log_stats=self.disable_log_stats,
-            # Lets the server read the processor's fidelity counters and check
-            # that it is live in every worker.
-            worker_extension_cls="distillgame.plugins.processor.DefenseWorkerExtension",
-            # vLLM's GPU default; the processor reads output-token lists that
-            # async scheduling fills with placeholders (see plugins.processor.check_engine).
-            async_scheduling=False,
         )
-        overrides = self.hf_overrides()
         if overrides:
             kwargs["hf_overrides"] = overrides
         if self.num_gpu_blocks_override is not None:
@@ -118,30 +122,27 @@ class EngineConfig:
         kwargs.update(self.engine_overrides)
         return kwargs
 
+    def server_args(self) -> list[str]:
+        """:meth:`engine_kwargs` as the command-line flags of vLLM's OpenAI server (``vllm serve``)."""
+        argv: list[str] = []
+        for name, value in self.engine_kwargs().items():
+            flag = "--" + name.replace("_", "-")
+            if name == "model":
+                argv += ["--model", str(value)]
+            elif isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, (dict, list)):
+                argv += [flag, json.dumps(value)]
+            elif value is not None:
+                argv += [flag, str(value)]
+        return argv
 
     def hf_overrides(self) -> dict[str, Any] | None:
         """The engine's ``hf_overrides`` for :attr:`proxy_runner` (None: the teacher's own class)."""
-        if self.proxy_runner not in ("auto", "vllm", "transformers"):
-            raise ValueError(f"proxy_runner must be 'auto', 'vllm' or 'transformers', not {self.proxy_runner!r}")
-        if self.proxy_runner == "transformers":
-            return None
-        if self.proxy_runner == "auto" and not self.poe_served:
-            logger.info("the proxy runs on transformers beside the engine: no PoE is served, and ADS needs "
-                        "forward-mode tangents that vLLM's attention kernels do not carry")
-            return None
-        from transformers import AutoConfig
+        from distillgame.plugins.vllm_plugin import proxy_overrides
 
-        from distillgame.plugins import paged_proxy
-
-        proxy = AutoConfig.from_pretrained(models.resolve(self.proxy, "proxy"))
-        reason = paged_proxy.unsupported_reason(getattr(proxy, "architectures", None))
-        if reason is not None:
-            if self.proxy_runner == "vllm":
-                raise ValueError(f"proxy_runner 'vllm': the proxy cannot run on vLLM's layers: {reason}")
-            logger.info("the proxy runs on transformers beside the engine: %s", reason)
-            return None
-        teacher = AutoConfig.from_pretrained(models.resolve(self.teacher, "teacher"))
-        return paged_proxy.hf_overrides(teacher.architectures)
+        return proxy_overrides(models.resolve(self.teacher, "teacher"), models.resolve(self.proxy, "proxy"),
+                               self.proxy_runner, poe_served=self.poe_served)
 
 
 class DefenseNotLive(RuntimeError):

@@ -351,3 +351,16 @@ def resolve(name: str | None, role: str) -> str:
     if name in (None, "", "default"):
         return str(default_teacher() if role == "teacher" else default_proxy())
     return name
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("models", help="print the folder of the embedded teacher or proxy (built on first use)")
+    p.add_argument("role", choices=["teacher", "proxy"])
+    p.set_defaults(func=_print_model)
+
+
+def _print_model(args: Any) -> int:
+    import sys
+
+    sys.stdout.write(resolve(None, args.role) + "\n")
+    return 0

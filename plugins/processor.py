@@ -118,6 +118,9 @@ class DefenseSettings:
     # distillgame.plugins.transfers.SyncAudit; read by the distillgame_sync_audit
     # RPC). On CUDA a synchronizing call then fails the step. Off in serving.
     sync_audit: bool = False
+    # Where PoE's proxy runs when the engine's hf_overrides leave it open:
+    # "auto" | "vllm" | "transformers" (distillgame.plugins.vllm_plugin.proxy_overrides).
+    proxy_runner: str = "auto"
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> "DefenseSettings":
@@ -131,6 +134,8 @@ class DefenseSettings:
             raise ValueError(f"additional_config['distillgame']['dtype'] must be one of {list(_DTYPES)}")
         if section.get("ads_method", "auto") not in ("auto", "jvp", "fd"):
             raise ValueError("additional_config['distillgame']['ads_method'] must be 'auto', 'jvp' or 'fd'")
+        if section.get("proxy_runner", "auto") not in ("auto", "vllm", "transformers"):
+            raise ValueError("additional_config['distillgame']['proxy_runner'] must be 'auto', 'vllm' or 'transformers'")
         return cls(**section)
 
 

@@ -1,29 +1,34 @@
-"""``distillgame serve``: the defended OpenAI-compatible server on one engine.
+"""``distillgame serve``: vLLM's own OpenAI server on the defended engine, with the policy in front.
 
-Ready when ``GET /health`` answers 200. SIGTERM/SIGINT stop accepting new
-connections and let in-flight requests finish for ``--drain-timeout`` seconds
-before the engine is shut down.
+It launches ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm
+serve`` runs) with the engine's flags from :class:`~distillgame.engine.EngineConfig`
+and :class:`~distillgame.server.gateway.DefensePolicy` as middleware, under
+:class:`~distillgame.server.supervisor.ServerSupervisor`, which restarts it
+after an engine failure. Ready when ``GET /health`` answers 200, which the
+middleware gives only once the defense is verified live in every worker.
+SIGTERM/SIGINT let in-flight requests finish for ``--drain-timeout`` seconds
+(vLLM's ``--shutdown-timeout``).
 
-Not for: the HTTP handlers themselves (see :mod:`distillgame.server.app`).
+Not for: the HTTP handlers (vLLM's app) or the policy's checks (``gateway``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import logging
+import math
 import os
-import signal
-import threading
-from collections.abc import Iterator
+import shlex
+import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import uvicorn
 
 if TYPE_CHECKING:
     from distillgame.engine import EngineConfig
     from distillgame.server.policy import Policy
+    from distillgame.server.supervisor import ServerCommand
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,7 @@ def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
         teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file, proxy_runner=args.proxy_runner,
+        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
         extra_defense={"ads_method": args.ads_method,
                        **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
@@ -124,10 +130,9 @@ def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
 
 
 def serve(args: argparse.Namespace) -> int:
-    from distillgame.server.app import ServerState, create_app
-    from distillgame.server.metrics import ServerMetrics
+    """Run vLLM's OpenAI server on the defended engine, the policy in front, under :class:`ServerSupervisor`."""
     from distillgame.server.policy import DEFAULT_GAMMA, DEFAULT_KL_BUDGET, default_policy, load_policy
-    from distillgame.server.supervisor import EngineOptions, EngineSupervisor
+    from distillgame.server.supervisor import ServerSupervisor
 
     if args.policy is None:
         embedded = args.teacher in (None, "", "default") and args.proxy in (None, "", "default")
@@ -144,55 +149,51 @@ def serve(args: argparse.Namespace) -> int:
         logger.error("the policy has an ADS tier but no --ads-grad was given")
         return 2
     config = engine_config(args, policy)
-    kv_bytes = int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None
-    metrics = ServerMetrics()
-    supervisor = EngineSupervisor(
-        EngineOptions(config=config, kv_cache_bytes=kv_bytes),
-        stat_loggers=[metrics.stat_logger_factory()],
-        on_fidelity=metrics.record_fidelity,
-        on_restart=metrics.engine_restarted,
-    )
+    with tempfile.TemporaryDirectory(prefix="distillgame-serve-") as run_dir:
+        command = server_command(args, config, policy, Path(run_dir))
+        logger.info("serving on http://%s:%d (policy: %s): %s", args.host, args.port,
+                    args.policy or "default PoE, no auth", shlex.join(command.argv))
+        return ServerSupervisor(command).run()
+
+
+def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Policy", run_dir: Path) -> "ServerCommand":
+    """vLLM's OpenAI server with ``config``'s engine and :class:`DefensePolicy` for ``policy``, as one command."""
+    from distillgame.server.gateway import BODY_TIMEOUT_ENV, MAX_BODY_MB_ENV
+    from distillgame.server.policy import POLICY_ENV
+    from distillgame.server.supervisor import ServerCommand
+
+    if args.policy is not None:
+        policy_file = Path(args.policy).resolve()
+    else:
+        # JSON is YAML: the no-policy default, written where the middleware reads policies from.
+        policy_file = run_dir / "policy.yaml"
+        policy_file.write_text(json.dumps(policy_document(policy)))
+    config.disable_log_stats = False  # vLLM's own families on /metrics, beside distillgame_*
     name = args.served_model_name or Path(config.teacher or "").name or _default_name()
-    fatal: list[str] = []
-    server_box: list[DrainingServer] = []
-
-    def on_fatal(reason: str) -> None:
-        fatal.append(reason)
-        if server_box:
-            server_box[0].should_exit = True
-
-    state = ServerState(policy=policy, supervisor=supervisor, metrics=metrics, model_name=name,
-                        max_model_len=args.max_model_len, on_fatal=on_fatal,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
-    app = create_app(state)
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                               timeout_graceful_shutdown=args.drain_timeout, access_log=False,
-                               timeout_keep_alive=args.keep_alive)
-    server = DrainingServer(uv_config)
-    server_box.append(server)
-    logger.info("serving %s on http://%s:%d (policy: %s)", name, args.host, args.port, args.policy or "default PoE, no auth")
-    server.run()
-    return 1 if fatal else 0
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", *config.server_args(),
+        "--served-model-name", name, "--host", args.host, "--port", str(args.port),
+        "--middleware", "distillgame.server.gateway.DefensePolicy",
+        "--shutdown-timeout", str(int(math.ceil(args.drain_timeout))),
+        "--disable-uvicorn-access-log",
+    ]
+    env = dict(os.environ)
+    env.update({
+        POLICY_ENV: str(policy_file),
+        MAX_BODY_MB_ENV: str(args.max_body_mb),
+        BODY_TIMEOUT_ENV: str(args.body_timeout),
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(int(math.ceil(args.keep_alive))),
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    return ServerCommand(argv=argv, env=env, health_url=f"http://{host}:{args.port}/health")
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, except that a SIGTERM after a completed drain exits 0.
-
-    uvicorn re-raises the captured signal once it has shut down, which makes a
-    clean, drained stop look like a kill to process supervisors.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+def policy_document(policy: "Policy") -> dict:
+    """A policy file's content for a keyless policy (the no-policy default)."""
+    tiers = {name: {"defense": tier.defense.model_dump(exclude_none=True), "kl_budget": tier.kl_budget}
+             for name, tier in policy.tiers.items()}
+    return {"tiers": tiers, "anonymous_tier": policy.anonymous_tier}
 
 
 def _default_name() -> str:
@@ -202,8 +203,6 @@ def _default_name() -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - the engine core is a spawned process
-    import sys
-
     from distillgame.cli import main
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -20,7 +20,11 @@ in OpenAI's shape. Per request it
 - before the first defended request, asks the engine whether the defense is
   really on (``logprobs_mode == "processed_logprobs"``, the processor's config
   and a live processor in every worker); if not, defended tiers get a 503
-  that says why, instead of the undefended teacher.
+  that says why, instead of the undefended teacher;
+- answers ``/health`` 503 until the defense is verified live in every worker
+  (then vLLM's own ``/health``, which says the engine is up): ready means
+  defended, so a load balancer or ``distillgame serve``'s supervisor never
+  routes to an engine that would serve undefended.
 
 The body is re-serialized from the parsed object, so vLLM parses exactly what
 was checked (no duplicate-key or parser differential gets past the checks);
@@ -30,8 +34,10 @@ Body limits come from ``$DISTILLGAME_MAX_BODY_MB`` and
 ``$DISTILLGAME_BODY_TIMEOUT_S`` (``distillgame serve``'s ``--max-body-mb`` and
 ``--body-timeout``), since ``vllm serve`` passes the middleware no arguments.
 
-Not for: generation (vLLM's server does it), the defense math (``plugins``),
-or ``distillgame serve``'s own app (:mod:`distillgame.server.app`).
+``distillgame serve`` runs vLLM's server with this middleware and these
+environment variables set from its flags.
+
+Not for: generation (vLLM's server does it) or the defense math (``plugins``).
 """
 
 from __future__ import annotations
@@ -56,14 +62,17 @@ from distillgame.server.limits import (
 )
 from distillgame.server.metrics import ServerMetrics
 from distillgame.server.policy import ENGINE_FIELDS, AuthError, Policy, RateLimiter, Tier, identify, policy_from_env
-from distillgame.server.protocol import MAX_N, MAX_STOP
 
 logger = logging.getLogger(__name__)
+
+MAX_STOP = 16  # stop strings per request
+MAX_N = 16  # choices per request
 
 # The middleware's body limits, read when vllm serve constructs it (it passes no arguments).
 MAX_BODY_MB_ENV = "DISTILLGAME_MAX_BODY_MB"
 BODY_TIMEOUT_ENV = "DISTILLGAME_BODY_TIMEOUT_S"
 
+HEALTH = "/health"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 DEFENSE = "/v1/defense"
@@ -173,6 +182,9 @@ class DefensePolicy:
                                    code="not_found")
             if method not in methods:
                 raise GatewayError(405, f"method {method} is not allowed on {path}", code="method_not_allowed")
+            if path == HEALTH:
+                await self._health(scope, receive, send)
+                return
             if path in PUBLIC:
                 if path == "/metrics":
                     await self._poll_fidelity(scope)
@@ -253,6 +265,24 @@ class DefensePolicy:
             self.metrics.in_flight.dec()
             outcome = "ok" if status < 400 else "rejected" if status < 500 else "error"
             requests.labels(tier.name, tier.defense.mode, endpoint, outcome).inc()
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ready means defended: 200 only once every tier of the policy can be served with its defense.
+
+        vLLM's own ``/health`` (asked last) says the engine is up; before
+        that, each defended tier's defense must be verified live in every
+        worker (:func:`engine_refusal`, and an ADS gradient for ADS tiers).
+        """
+        refusal = None
+        modes = {tier.defense.mode for tier in self.policy.tiers.values()}
+        if modes - {"none"}:
+            refusal = await self._engine_check(scope)
+        if refusal is None and "ads" in modes:
+            refusal = ads_refusal(getattr(getattr(scope.get("app"), "state", None), "engine_client", None))
+        if refusal is not None:
+            await send_error(send, 503, f"not ready: {refusal}", type="service_unavailable", code="defense_not_live")
+            return
+        await self.app(scope, receive, send)
 
     async def _engine_check(self, scope: Scope) -> str | None:
         """Why the engine would serve defended tiers undefended, or None; a settled answer is kept."""

@@ -1,25 +1,22 @@
-"""Prometheus metrics of the defended server (prefix ``distillgame_``).
+"""Prometheus metrics of the defense (prefix ``distillgame_``), served on vLLM's ``/metrics``.
 
-Request and token counters by tier and defense mode, latency histograms by
-mode, the engine's running/waiting requests (from vLLM's scheduler stats via
-a stat-logger hook), and the fidelity the defense processor measures inside
-the engine: KL(released || teacher) per token (eq. 1) and teacher-argmax
-agreement, by mode. The processor's counters are cumulative per engine; they
-are turned into counter increments here so restarts do not lose or double
-count them.
+Requests by tier, defense mode, endpoint and outcome; generation requests
+open at the HTTP layer; and the fidelity the defense processor measures
+inside the engine: KL(released || teacher) per token (eq. 1) and
+teacher-argmax agreement, by mode. The processor's counters are cumulative
+per engine; they are turned into counter increments here so that a new
+engine does not double count them.
 
-Not for: vLLM's own metrics (the engine runs with its stat loggers off).
+Not for: vLLM's own metrics (latency, tokens, queue: its ``vllm:`` families
+on the same page).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ServerMetrics:
@@ -32,25 +29,7 @@ class ServerMetrics:
             "distillgame_requests", "Generation requests by tier, defense mode, endpoint and outcome",
             ["tier", "mode", "endpoint", "status"], registry=r,
         )
-        self.prompt_tokens = Counter(
-            "distillgame_prompt_tokens", "Prompt tokens processed", ["tier", "mode"], registry=r
-        )
-        self.generation_tokens = Counter(
-            "distillgame_generation_tokens", "Tokens released to callers", ["tier", "mode"], registry=r
-        )
-        self.ttft = Histogram(
-            "distillgame_time_to_first_token_seconds", "Time from arrival to the first released token",
-            ["mode"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.tpot = Histogram(
-            "distillgame_time_per_output_token_seconds", "Mean time per released token after the first",
-            ["mode"], buckets=_TPOT_BUCKETS, registry=r,
-        )
-        self.running = Gauge("distillgame_requests_running", "Requests the engine is decoding", registry=r)
-        self.waiting = Gauge("distillgame_requests_waiting", "Requests queued in the engine", registry=r)
         self.in_flight = Gauge("distillgame_http_requests_in_flight", "Generation requests open at the HTTP layer", registry=r)
-        self.engine_up = Gauge("distillgame_engine_up", "1 when the engine takes requests", registry=r)
-        self.engine_restarts = Counter("distillgame_engine_restarts", "Engine rebuilds after a failure", registry=r)
         self.fidelity_tokens = Counter(
             "distillgame_fidelity_tokens", "Defended tokens the processor measured", ["mode"], registry=r
         )
@@ -96,36 +75,6 @@ class ServerMetrics:
                     self.fidelity_argmax_agreement.labels(mode).set(
                         self.fidelity_agree.labels(mode)._value.get() / tokens
                     )
-
-    def engine_restarted(self) -> None:
-        """Count a rebuild and clear the dead engine's queue gauges.
-
-        The gauges are only written when an engine steps; without this they
-        would keep the dead engine's last counts until the new one's first step.
-        """
-        self.engine_restarts.inc()
-        self.running.set(0)
-        self.waiting.set(0)
-
-    def stat_logger_factory(self) -> Any:
-        """A vLLM per-engine stat-logger factory that feeds the running/waiting gauges."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        metrics = self
-
-        class _SchedulerGauges(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-                if scheduler_stats is not None:
-                    metrics.running.set(scheduler_stats.num_running_reqs)
-                    metrics.waiting.set(scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs)
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _SchedulerGauges
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
