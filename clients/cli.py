@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--val-every", type=int, default=1, help="optimizer steps between grad L_val estimates")
     d.add_argument("--rank", type=int, default=128)
     d.add_argument("--lora-alpha", type=int, default=None)
+    d.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (--rank is then unused)")
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--epochs", type=float, default=3.0)
     d.add_argument("--batch-size", type=int, default=6)
@@ -62,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--device", default="cpu")
     d.add_argument("--vmap-chunk", type=int, default=None)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--val-acc-task", default=None,
+                   help="after every epoch: greedy accuracy on this task's --val-acc-split (the learning curve)")
+    d.add_argument("--val-acc-split", default="holdout", help="never test (default: holdout)")
+    d.add_argument("--val-acc-n", type=int, default=200)
     d.set_defaults(func=_distill)
 
     v = sub.add_parser("values", help="the released protocol's per-trace values and weights at theta_0 (JSONL)")
@@ -208,7 +213,8 @@ def _distill(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, max_length=args.max_length, max_steps=args.max_steps, seed=args.seed,
         dtype=args.dtype, device=args.device, vmap_chunk=args.vmap_chunk, value_norm=args.value_norm,
         placebo=args.placebo, weighting=args.weighting, beta=args.beta, beta_rho=args.beta_rho, fd_eps=args.fd_eps, clip=args.clip,
-        value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters,
+        value_sign=args.value_sign, value_dtype=args.value_dtype, filters=args.filters, lora=not args.full,
+        val_acc_task=args.val_acc_task, val_acc_split=args.val_acc_split, val_acc_n=args.val_acc_n,
     )
     summary = distill(cfg, args.traces, val_task=args.val_task, val_split=args.val_split, val_n=args.val_n,
                       val_traces=args.val_traces)

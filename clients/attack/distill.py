@@ -68,6 +68,9 @@ class DistillConfig:
     val_every: int = 1  # optimizer steps between re-estimates of grad L_val
     rank: int = 128
     lora_alpha: int | None = None  # None -> rank (LoRA scale 1)
+    # False: full fine-tuning (every parameter trains; no adapters), for small
+    # students trained from scratch, where LoRA's low rank only slows learning.
+    lora: bool = True
     target_modules: str | list[str] = "all-linear"
     lr: float = 5e-4
     epochs: float = 3.0
@@ -104,6 +107,14 @@ class DistillConfig:
     value_dtype: str = "float64"
     filters: list[str] = field(default_factory=list)
     save_merged: bool = True
+    # Convergence: greedy accuracy after every epoch on a fixed validation set of the
+    # student's own (``val_acc_n`` problems of ``val_acc_task``'s ``val_acc_split``:
+    # never the test split, and not the validation problems L_val or the released
+    # protocol's traces come from). None: no per-epoch evaluation.
+    val_acc_task: str | None = None
+    val_acc_split: str = "holdout"
+    val_acc_n: int = 200
+    val_acc_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         from .filters import FILTERS
@@ -118,6 +129,8 @@ class DistillConfig:
             raise ValueError(f"value_sign must be +1 or -1, got {self.value_sign!r}")
         if set(self.filters) - set(FILTERS):
             raise ValueError(f"filters must be among {FILTERS}, got {self.filters!r}")
+        if self.val_acc_split == "test":
+            raise ValueError("the per-epoch validation set must not come from the test split")
         self.out = Path(self.out)
 
 
@@ -206,6 +219,34 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
     return Batch(ids, mask, labels, [e.id for e in examples])
+
+
+def epoch_ends(n: int, batch_size: int, epochs: float, grad_accum: int) -> dict[int, int]:
+    """{optimizer step: epoch} for the step that consumes an epoch's last minibatch
+    (``minibatch_order``'s layout; with grad_accum > 1 that step may also hold the
+    first minibatches of the next epoch). A fractional last epoch gets no entry."""
+    out: dict[int, int] = {}
+    micro, total, epoch = 0, int(round(epochs * n)), 0
+    while total >= n:
+        micro += math.ceil(n / batch_size)
+        out[(micro - 1) // grad_accum] = epoch + 1
+        total -= n
+        epoch += 1
+    return out
+
+
+def plateau_epoch(accs: list[float], window: int = 3, min_gain: float = 0.01) -> int | None:
+    """The plateau rule: the first epoch (1-based) at which the best validation accuracy so
+    far has gained less than ``min_gain`` over the last ``window`` epochs, i.e.
+    ``max(accs[:e]) - max(accs[:e - window]) < min_gain``; None if that never happens.
+
+    The running best is monotone, so a noisy dip does not end training early; a
+    noisy peak can only postpone the plateau (more epochs, never fewer).
+    """
+    for e in range(window + 1, len(accs) + 1):
+        if max(accs[:e]) - max(accs[: e - window]) < min_gain:
+            return e
+    return None
 
 
 def minibatch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
@@ -349,6 +390,50 @@ def released_values(
     return -a if cfg.value_sign == -1 else a
 
 
+# ---------------------------------------------------------------- validation accuracy
+
+
+def load_val_problems(cfg: DistillConfig) -> list[Any]:
+    from distillgame.tasks import load_problems
+
+    return load_problems(cfg.val_acc_task, cfg.val_acc_split, n=cfg.val_acc_n)
+
+
+def greedy_accuracy(
+    model: torch.nn.Module, tokenizer: Any, problems: list[Any], task: str, max_new_tokens: int = 256,
+    batch_size: int = 100,
+) -> dict[str, Any]:
+    """Greedy accuracy of the in-training student (transformers ``generate``, left-padded
+    batches, cut at the task's stop strings as vLLM's ``distillgame eval`` cuts them);
+    scored by ``evaluate.score_completions``, the one scoring path. Leaves the model in
+    the mode it found it in."""
+    from distillgame.evaluate import score_completions
+    from distillgame.tasks import STOP_STRINGS, build_prompt
+
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: list[str] = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(problems), batch_size):
+                prompts = [build_prompt(p, task) for p in problems[i : i + batch_size]]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+                out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                     stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+                for row in out[:, enc["input_ids"].shape[1] :]:
+                    text = tokenizer.decode(row, skip_special_tokens=True)
+                    for stop in STOP_STRINGS:
+                        text = text.split(stop, 1)[0]
+                    texts.append(text)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    rows = score_completions(problems, texts)
+    return {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)), "n": len(rows)}
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -361,6 +446,14 @@ def load_student(cfg: DistillConfig) -> tuple[torch.nn.Module, Any]:
 
 
 def add_lora(model: torch.nn.Module, cfg: DistillConfig) -> torch.nn.Module:
+    """The student's trainable form: PEFT LoRA adapters, or (``cfg.lora=False``) the model
+    itself with every parameter trainable. Seeds torch either way, so the data order
+    and any later randomness do not depend on the recipe."""
+    if not cfg.lora:
+        torch.manual_seed(cfg.seed)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
     from peft import LoraConfig, get_peft_model
 
     # Dropout 0: the value v must be a function of theta alone (and vmap needs
@@ -387,19 +480,23 @@ def train(
     pad_id: int,
     on_step: Any = None,
     fixed_weights: torch.Tensor | None = None,
+    on_epoch: Any = None,
 ) -> list[dict]:
     """The training loop for every student; returns one log row per optimizer step.
 
     ``model`` already carries its LoRA adapters. ``fixed_weights`` (one per
     training example, mean 1) are the released protocol's weights, required
     when ``cfg.weighting == "released"``. ``on_step(step, micro, batch, w, v)``
-    is called with every minibatch before its update (tests use it).
+    is called with every minibatch before its update (tests use it);
+    ``on_epoch(epoch, step)`` after the step that ends each full epoch (its return
+    value, if any, goes into that step's log row as ``val``).
     """
     adaptive = cfg.mode == "adaptive"
     released = adaptive and cfg.weighting == "released"
     if released and fixed_weights is None:
         raise ValueError("the released weighting needs fixed_weights (see released_values)")
     micro_batches = minibatch_order(len(train_set), cfg.batch_size, cfg.epochs, cfg.seed)
+    ends = epoch_ends(len(train_set), cfg.batch_size, cfg.epochs, cfg.grad_accum)
     n_steps = math.ceil(len(micro_batches) / cfg.grad_accum)
     if cfg.max_steps is not None:
         n_steps = min(n_steps, cfg.max_steps)
@@ -454,6 +551,11 @@ def train(
         scheduler.step()
         row["lr"] = scheduler.get_last_lr()[0]
         row["seconds"] = time.perf_counter() - t0
+        if on_epoch is not None and step in ends:
+            t1 = time.perf_counter()
+            val = on_epoch(ends[step], step)
+            if val is not None:
+                row["val"] = {"epoch": ends[step], **val, "seconds": time.perf_counter() - t1}
         history.append(row)
         log.debug("step %d loss %.4f eta %s", step, row["loss"], row["eta"])
     return history
@@ -568,13 +670,30 @@ def distill(
         weight_stats = value_stats(a, fixed, cfg.clip)
         write_values(cfg.out / "values.jsonl", train_set, a, fixed)
         log.info("released weights: %s", weight_stats)
-    history = train(model, train_set, val_set, cfg, pad_id, fixed_weights=fixed)
+    on_epoch = None
+    if cfg.val_acc_task is not None:
+        val_problems = load_val_problems(cfg)
+
+        def on_epoch(epoch: int, step: int) -> dict[str, Any]:
+            acc = greedy_accuracy(model, tokenizer, val_problems, cfg.val_acc_task, cfg.val_acc_max_tokens)
+            log.info("epoch %d (step %d): validation accuracy %.3f", epoch, step, acc["accuracy"])
+            return acc
+
+    history = train(model, train_set, val_set, cfg, pad_id, fixed_weights=fixed, on_epoch=on_epoch)
     wall = time.perf_counter() - t0
+    curve = [{"epoch": r["val"]["epoch"], "step": r["step"], "val_acc": r["val"]["accuracy"], "n": r["val"]["n"],
+              "seconds": r["val"]["seconds"]} for r in history if "val" in r]
+    eval_s = sum(c["seconds"] for c in curve)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cfg.out / "adapter")
     merged_dir = None
-    if cfg.save_merged:
+    if not cfg.lora:
+        model.save_pretrained(cfg.out / "merged")
+        tokenizer.save_pretrained(cfg.out / "merged")
+        merged_dir = str(cfg.out / "merged")
+    else:
+        model.save_pretrained(cfg.out / "adapter")
+    if cfg.lora and cfg.save_merged:
         # A plain checkpoint folder (LoRA folded in) that vLLM loads like any model.
         merged = model.merge_and_unload()
         merged.save_pretrained(cfg.out / "merged")
@@ -594,6 +713,10 @@ def distill(
         "final_loss": history[-1]["loss"] if history else None,
         "weights": weight_stats,
         "wall_s": wall,
+        "train_s": wall - eval_s,
+        "val_eval_s": eval_s,
+        "learning_curve": curve,
+        "plateau_epoch": plateau_epoch([c["val_acc"] for c in curve]) if curve else None,
         "merged": merged_dir,
     }
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
