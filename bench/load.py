@@ -274,7 +274,7 @@ def wait_drained(url: str, timeout: float = 60.0) -> dict[str, float | None]:
     while time.monotonic() < deadline:
         text = httpx.get(f"{url}/metrics", timeout=30).text
         last = {name: metric(text, name) for name in
-                ("distillgame_requests_running", "distillgame_requests_waiting", "distillgame_http_requests_in_flight")}
+                ("vllm:num_requests_running", "vllm:num_requests_waiting", "distillgame_http_requests_in_flight")}
         if all(v == 0 for v in last.values()):
             return last
         time.sleep(0.5)

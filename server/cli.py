@@ -105,6 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle keep-alive connection stays open; keep it above the idle "
                         "timeout of every client and proxy in front of the server")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS",
+                   help="after --: more flags for vLLM's OpenAI server, e.g. -- --enable-auto-tool-choice "
+                        "--tool-call-parser hermes (the defense's own engine flags are set for you)")
     p.set_defaults(func=serve)
 
 
@@ -176,6 +179,7 @@ def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Po
         "--middleware", "distillgame.server.gateway.DefensePolicy",
         "--shutdown-timeout", str(int(math.ceil(args.drain_timeout))),
         "--disable-uvicorn-access-log",
+        *[a for i, a in enumerate(args.vllm_args or []) if not (i == 0 and a == "--")],
     ]
     env = dict(os.environ)
     env.update({

@@ -282,7 +282,20 @@ class DefensePolicy:
         if refusal is not None:
             await send_error(send, 503, f"not ready: {refusal}", type="service_unavailable", code="defense_not_live")
             return
-        await self.app(scope, receive, send)
+        status = 500
+
+        async def status_only(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await self.app(scope, receive, status_only)
+        if status != 200:
+            await send_error(send, 503, "not ready: the engine is not healthy", type="service_unavailable",
+                             code="engine_unavailable")
+            return
+        await _send_json(send, 200, {"status": "ready", "defended_tiers": sorted(
+            name for name, tier in self.policy.tiers.items() if tier.defended)})
 
     async def _engine_check(self, scope: Scope) -> str | None:
         """Why the engine would serve defended tiers undefended, or None; a settled answer is kept."""

@@ -1,11 +1,13 @@
-"""Helpers for the server tests: the two front ends as real processes on real sockets, and what they share.
+"""Helpers for the server tests: the defended server as a real process on a real socket.
 
-``ServerProcess`` runs ``distillgame serve``; ``VllmServeProcess`` runs vLLM's
-own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
-policy middleware. Both read :data:`TEST_POLICY` and offer one interface
-(``kind``, ``base_url``, ``port``, ``log_file``, ``workdir``, ``start``,
-``wait_ready``, ``stop``), so a security suite can run against either.
-:func:`run_schemathesis` is the one generated-request runner both suites use.
+``ServerProcess`` runs ``distillgame serve`` (vLLM's OpenAI server with the
+policy middleware, under our supervisor); ``VllmServeProcess`` runs the same
+server the way a provider adds the defense to a plain ``vllm serve``
+(``python -m vllm.entrypoints.openai.api_server`` with ``--additional-config``
+and ``--middleware`` only). Both read :data:`TEST_POLICY` and offer one
+interface (``kind``, ``base_url``, ``port``, ``log_file``, ``workdir``,
+``start``, ``wait_ready``, ``stop``). :func:`run_schemathesis` is the
+generated-request runner of the hardening suite.
 
 Not a pytest conftest (nothing here is collected or auto-loaded); test modules
 import it and build their own fixtures from it.
@@ -149,7 +151,30 @@ class FrontEnd:
             return self.proc.wait(timeout=30)
 
     def _kill(self) -> None:
-        self.proc.kill()
+        """SIGKILL the server and everything it started (the supervisor's server, the engine core)."""
+        import psutil
+
+        try:
+            family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+    def engine_core(self):
+        """The live engine core process under this server (psutil), or None."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return None
+        for p in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                    return p
+        return None
 
 
 @dataclass
@@ -173,31 +198,48 @@ class ServerProcess(FrontEnd):
             "--fault-file", str(self.fault_file), "--drain-timeout", "60",
             *(extra_args or []),
         ]
-        self._launch(cmd, dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_USE_V2_MODEL_RUNNER="0"))
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+                   # A fresh compile cache: inductor's shared one can hold kernels built for another CPU's ISA.
+                   TORCHINDUCTOR_CACHE_DIR=str(self.workdir / "inductor"))
+        self._launch(cmd, env)
 
-    def wait_health(self, want_ok: bool, timeout: float) -> dict:
+    def wait_health(self, want_ok: bool, timeout: float, poll_s: float = 0.25) -> list[str]:
+        """Poll ``/health`` until it is 200 (``want_ok``) or not; every answer seen on the way, in order.
+
+        An answer is the status code, or ``"refused"`` / ``"timeout"`` when the port gave none.
+        """
         deadline = time.monotonic() + timeout
-        last: dict = {}
+        seen: list[str] = []
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"{self.base_url}/health", timeout=2)
-                last = r.json()
-                if (r.status_code == 200) == want_ok:
-                    return last
+                status = str(httpx.get(f"{self.base_url}/health", timeout=2).status_code)
+            except httpx.TimeoutException:
+                status = "timeout"
             except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"/health did not turn {'200' if want_ok else 'non-200'} in {timeout}s: {last}")
+                status = "refused"
+            seen.append(status)
+            if (status == "200") == want_ok:
+                return seen
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            time.sleep(poll_s)
+        raise TimeoutError(f"/health did not turn {'200' if want_ok else 'non-200'} in {timeout}s: {seen[-5:]}")
+
+    def restarts(self) -> int:
+        """How many times the supervisor restarted the server (from its log)."""
+        return self.log_file.read_text(errors="replace").count("the server exited with code")
 
 
 @dataclass
 class VllmServeProcess(FrontEnd):
-    """``python -m vllm.entrypoints.openai.api_server`` with ``--middleware ...DefensePolicy``, as docs/vllm-serve.md runs it.
+    """``python -m vllm.entrypoints.openai.api_server`` with the README's drop-in flags: the proxy and the middleware.
 
-    ``defended=False`` leaves out the processor's config (as the old plain
-    ``vllm serve`` recipe did) but keeps the worker extension and processed
-    logprobs. ``dev_mode`` turns on vLLM's dev and RL routes, which the
-    allowlist must refuse too.
+    What else the defense needs (processed logprobs, the worker extension, no
+    async scheduling) the package's vLLM plugin sets. ``defended=False``
+    leaves out the processor's config but passes the worker extension and
+    processed logprobs by hand, so that only the missing processor is wrong.
+    ``dev_mode`` turns on vLLM's dev and RL routes, which the allowlist must
+    refuse too.
     """
 
     kind: ClassVar[str] = "vllm"
@@ -224,7 +266,7 @@ class VllmServeProcess(FrontEnd):
     def start(self, extra_args: list[str] | None = None) -> None:
         policy = self.write_policy()
         env = dict(
-            os.environ, DISTILLGAME_POLICY=str(policy), VLLM_USE_V2_MODEL_RUNNER="0", TOKENIZERS_PARALLELISM="false",
+            os.environ, DISTILLGAME_POLICY=str(policy), TOKENIZERS_PARALLELISM="false",
             # A fresh compile cache: inductor's shared one can hold kernels built for another CPU's ISA.
             TORCHINDUCTOR_CACHE_DIR=str(self.workdir / "inductor"),
         )
@@ -237,13 +279,15 @@ class VllmServeProcess(FrontEnd):
         section: dict[str, str] = {"proxy": str(self.proxy)}
         if self.ads_grad is not None:
             section["ads_grad"] = str(self.ads_grad)
-        defense = ["--additional-config", json.dumps({"distillgame": section})] if self.defended else []
+        if self.defended:
+            defense = ["--additional-config", json.dumps({"distillgame": section})]
+        else:
+            defense = ["--logprobs-mode", "processed_logprobs",
+                       "--worker-extension-cls", "distillgame.plugins.processor.DefenseWorkerExtension"]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.teacher),
                "--served-model-name", self.served_model_name, "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(self.max_model_len), "--max-num-seqs", "8",
-               "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
-               "--logprobs-mode", "processed_logprobs", "--no-async-scheduling", *defense,
-               "--worker-extension-cls", "distillgame.plugins.processor.DefenseWorkerExtension",
+               "--kv-cache-memory-bytes", str(self.kv_cache_bytes), *defense,
                "--middleware", "distillgame.server.gateway.DefensePolicy",
                "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
         # Its own session, so that a kill also reaches the engine core process it spawns.

@@ -25,6 +25,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate
 from distillgame.engine import DefenseNotLive, EngineConfig, build_llm, verify_defense_live
 from distillgame.plugins.processor import DefenseLogitsProcessor, check_engine, status_rpc
 from distillgame.plugins.reference import ReferenceModels
+from distillgame.plugins.vllm_plugin import DefenseConfigError
 from engine_helpers import Job, run_staggered, shutdown, worst_error
 
 TOL = 1e-4
@@ -71,7 +72,6 @@ def nan_proxy(tiny_pair, tmp_path_factory) -> tuple[Path, int]:
 def test_defended_engines_run_without_async_scheduling_and_refuse_it(tiny_pair, tiny_llm):
     """Async scheduling (vLLM's GPU default) would hand the processor -1 placeholders: never run it."""
     teacher, proxy = tiny_pair
-    assert EngineConfig(teacher=str(teacher), proxy=str(proxy)).engine_kwargs()["async_scheduling"] is False
     assert tiny_llm.llm_engine.vllm_config.scheduler_config.async_scheduling is False
     with pytest.raises(ValueError, match="async scheduling"):
         DefenseLogitsProcessor(fake_config(teacher, proxy, async_scheduling=True), torch.device("cpu"), False)
@@ -272,5 +272,7 @@ def test_speculative_decoding_with_the_defense_refuses_to_start(tiny_pair):
         engine_overrides={"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                                                  "prompt_lookup_max": 3, "prompt_lookup_min": 1}},
     )
-    with pytest.raises(DefenseNotLive, match="speculative decoding"):
+    # The package's vLLM plugin refuses it while vLLM builds the configuration, before any model loads
+    # (tests/test_vllm_plugin.py covers a plain vllm.EngineArgs too).
+    with pytest.raises(DefenseConfigError, match="speculative decoding"):
         build_llm(config)

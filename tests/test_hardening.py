@@ -1,20 +1,16 @@
-"""Hostile input and security against each front end: ``distillgame serve`` and ``vllm serve`` with the middleware.
+"""Hostile input and security against ``distillgame serve`` (vLLM's OpenAI server with the policy middleware).
 
-One server per front end for the whole module (a real socket, the real engine
-on the embedded models, the same test policy), fed what an adversarial caller
-sends: prompts over the context, absurd ``max_tokens``/``n``, huge stop lists,
+One server for the whole module (a real socket, the real engine on the
+embedded models, the test policy), fed what an adversarial caller sends:
+prompts over the context, absurd ``max_tokens``/``n``, huge stop lists,
 invalid UTF-8 and control characters, wrong JSON types, bodies that are not
 strict JSON, a 10 MB body, a slow-loris body, and schemathesis-generated
-requests (from ``distillgame serve``'s own OpenAPI schema; from vLLM's, on the
-routes and fields the middleware lets through). Every answer must be a 2xx or
-a 4xx in OpenAI's error shape (never a 5xx), and the server must keep serving.
-Security: 429 with Retry-After, no CORS, no key or prompt text in the logs.
-
-The ``vllm`` half is marked slow (``make test-slow``): it starts vLLM's own
-server, about two minutes on two busy cores. Where vLLM's app answers a
-request differently without a security consequence (it serves an unknown chat
-role, its errors do not always name the field, its ``/health`` has no
-``restarts``), the ``distillgame`` detail is asserted only there.
+requests (from vLLM's own OpenAPI schema, on the routes and fields the
+middleware lets through). Every answer must be a 2xx or a 4xx in OpenAI's
+error shape (never a 5xx), and the server must keep serving. Security: 429
+with Retry-After, no CORS, no key or prompt text in the logs. Where vLLM's
+app answers without naming the field (an out-of-vocabulary id: ``param``
+null), the field is checked where it is named.
 
 Not for: load, faults under concurrency or SIGTERM (``test_hardening_load.py``).
 """
@@ -32,9 +28,7 @@ import pytest
 
 from conftest_server import (
     LIMITED_KEY,
-    FrontEnd,
     ServerProcess,
-    VllmServeProcess,
     assert_openai_error,
     metric_sum,
     run_schemathesis,
@@ -50,15 +44,10 @@ SCHEMATHESIS_CASES = 1000
 GENERATED_2XX_SHARE = 0.05
 
 
-@pytest.fixture(scope="module", params=["distillgame", pytest.param("vllm", marks=pytest.mark.slow)])
-def server(request, tmp_path_factory):
-    work = tmp_path_factory.mktemp(f"harden-{request.param}")
-    if request.param == "distillgame":
-        srv: FrontEnd = ServerProcess(work)
-        args = ["--body-timeout", str(BODY_TIMEOUT_S), "--max-body-mb", "4"]
-    else:
-        srv, args = VllmServeProcess.embedded(work, body_timeout_s=BODY_TIMEOUT_S, max_body_mb=4), None
-    with serving(srv, args, timeout=400):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("harden"))
+    with serving(srv, ["--body-timeout", str(BODY_TIMEOUT_S), "--max-body-mb", "4"], timeout=400):
         yield srv
 
 
@@ -69,7 +58,7 @@ def http(server):
         yield c
 
 
-def _still_serving(server: FrontEnd) -> None:
+def _still_serving(server: ServerProcess) -> None:
     r = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {CAPPED}"},
                    json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=120)
     assert r.status_code == 200, r.text
@@ -108,13 +97,13 @@ def _still_serving(server: FrontEnd) -> None:
 def test_hostile_completion_bodies_are_4xx_in_openai_shape(server, http, body, param):
     r = http.post("/v1/completions", json=body)
     err = assert_openai_error(r, 400)
-    if server.kind == "distillgame":
+    if err["param"]:
         # vLLM's own errors do not always say which field (an out-of-vocabulary id: param null).
-        assert param in (err["param"] or "") or param in err["message"], err
+        assert param in err["param"] or param in err["message"], err
 
 
-# vLLM's app serves this (its chat template renders any role); ``distillgame serve``
-# refuses it. No defense is at stake: the answer is the tier's.
+# vLLM's app serves this (its chat template renders any role). No defense is at
+# stake: the answer is the tier's.
 SERVED_BY_VLLM = [{"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2}]
 
 
@@ -133,7 +122,7 @@ SERVED_BY_VLLM = [{"messages": [{"role": "wizard", "content": "hi"}], "max_token
 ])
 def test_hostile_chat_bodies_are_4xx_in_openai_shape(server, http, body):
     r = http.post("/v1/chat/completions", json=body)
-    if server.kind == "vllm" and body in SERVED_BY_VLLM:
+    if body in SERVED_BY_VLLM:
         assert r.status_code == 200, r.text
         return
     assert_openai_error(r, 400)
@@ -289,17 +278,12 @@ def test_no_key_or_prompt_text_in_the_logs(server, http):
 
 def test_schemathesis_generated_requests(server):
     """>= 1000 generated requests across the served operations: no 5xx, 4xx in OpenAI's shape, many reach the engine."""
-    import schemathesis
+    from distillgame import models
 
-    if server.kind == "distillgame":
-        schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-        operations = [op.ok() for op in schema.get_all_operations()]
-        expected = {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"}
-    else:
-        # vLLM's own schema of the allowed routes; its /openapi.json is not one of them.
-        operations = vllm_allowed_operations(server.teacher, server.served_model_name)
-        expected = {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
-                    "POST /tokenize", "POST /detokenize"}
+    # vLLM's own schema of the allowed routes; its /openapi.json is not one of them.
+    operations = vllm_allowed_operations(models.resolve(None, "teacher"), models.TEACHER_NAME)
+    expected = {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
+                "POST /tokenize", "POST /detokenize"}
     assert expected <= {op.label for op in operations}
     run = run_schemathesis(operations, server.base_url, {"Authorization": f"Bearer {CAPPED}"},
                            post_cases=SCHEMATHESIS_CASES, other_cases=25)
@@ -317,13 +301,10 @@ def test_schemathesis_generated_requests(server):
 
 def test_no_5xx_was_ever_answered_and_the_engine_never_restarted(server):
     text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
-    # Both front ends count generation requests in this family (the middleware for vLLM's server).
+    # The middleware counts every generation request in this family.
     assert metric_sum(text, "distillgame_requests_total", status="error") == 0
-    if server.kind == "distillgame":
-        assert httpx.get(f"{server.base_url}/health", timeout=10).json()["restarts"] == 0
-    else:
-        # vLLM's server exits when its engine fails: still up means it never did.
-        assert server.proc.poll() is None
-        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    # vLLM's server exits when its engine fails, and the supervisor logs each restart.
+    assert server.restarts() == 0
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
     log = server.log_tail(400)
     assert "Traceback" not in log, log

@@ -1,14 +1,12 @@
 """The defended server end to end: a real ``distillgame serve`` process, a real socket, the openai SDK.
 
-One server for the whole module (engine start is about 30-60 s on two
-cores), driven like any OpenAI client would. Tests run in file order: the
-fault-injection test restarts the engine, the metrics test reads what all
-earlier traffic left, and the SIGTERM test stops the server last.
-
-The leak tests (caller fields cannot weaken the defense, tier caps, logprobs
-are the released PoE and ADS distributions, prompt logprobs refused) also run
-against ``vllm serve`` with the policy middleware on the same pair, policy and
-ADS gradient (``front_end``, the ``vllm`` half marked slow).
+``distillgame serve`` is vLLM's OpenAI server with the policy middleware,
+under a supervisor that restarts it after an engine failure. One server for
+the whole module (a start is about 1-2 min on two cores), driven like any
+OpenAI client would. Tests run in file order: the leak tests (caller fields
+cannot weaken the defense, tier caps, logprobs are the released PoE and ADS
+distributions, prompt logprobs refused) first, then the failure tests, which
+restart the server, the metrics test, and the SIGTERM test, which stops it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from conftest_server import LIMITED_KEY, FrontEnd, ServerProcess, VllmServeProcess, metric_sum, metric_value, serving
+from conftest_server import LIMITED_KEY, FrontEnd, ServerProcess, metric_sum, metric_value
 
 GAMMA = 0.65  # the test policy's PoE weight for the "standard" tier
 ADS = {"mode": "ads", "lam": 0.1, "eps": 0.05}  # the "ads" tier below
@@ -36,11 +34,9 @@ key = "sk-test-ads"
 tier = "ads"
 """
 PROMPT = [{"role": "user", "content": "Name three colours."}]
-# A rebuilt engine starts like the first one: allow both the same time (on a
+# A restarted server starts like the first one: allow both the same time (on a
 # loaded 2-core machine a start has taken over 240 s).
 ENGINE_START_S = 400
-# The leak tests run against both front ends; vLLM's own server takes minutes to start.
-FRONT_ENDS = ["distillgame", pytest.param("vllm", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +60,6 @@ def server(tmp_path_factory, ads_grad):
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory, ads_grad):
-    """vLLM's own server with the policy middleware, on the same pair, policy and ADS gradient."""
-    srv = VllmServeProcess.embedded(tmp_path_factory.mktemp("vllm-serve"), extra_policy=ADS_POLICY, ads_grad=ads_grad)
-    with serving(srv, timeout=ENGINE_START_S):
-        yield srv
-
-
-@pytest.fixture
-def front_end(request) -> FrontEnd:
-    """The server a leak test runs against: ``distillgame serve`` or ``vllm serve`` with the middleware."""
-    return request.getfixturevalue("server" if request.param == "distillgame" else "vllm_server")
 
 
 def _client(server: FrontEnd, key: str = "sk-test-standard") -> openai.OpenAI:
@@ -227,9 +209,8 @@ def test_bad_input_raises_openai_error_classes(client, model):
         client.chat.completions.create(model="gpt-4o", messages=PROMPT, max_tokens=2)
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
-def test_body_fields_cannot_weaken_the_defense(front_end, reference):
-    client = _client(front_end)
+def test_body_fields_cannot_weaken_the_defense(server, reference):
+    client = _client(server)
     model = client.models.list().data[0].id
     prompt = [1, 504, 3458, 314, 260]
     ids_before, tops_before, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=1)
@@ -257,9 +238,8 @@ def test_body_fields_cannot_weaken_the_defense(front_end, reference):
     assert max(abs(v - teacher[t].item()) for t, v in tops_after[0].items()) > 1e-2
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
-def test_tier_caps_max_tokens_and_refuses_logprobs(front_end):
-    capped = _client(front_end, "sk-test-capped")
+def test_tier_caps_max_tokens_and_refuses_logprobs(server):
+    capped = _client(server, "sk-test-capped")
     model = capped.models.list().data[0].id
     r = capped.completions.create(model=model, prompt="Once upon a time", max_tokens=50, temperature=0.0)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
@@ -276,9 +256,8 @@ def test_rate_limit_is_429(server, model):
         limited.completions.create(model=model, prompt="hi", max_tokens=1)
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
-def test_logprobs_are_the_defended_distribution(front_end, reference, tokenizer):
-    client = _client(front_end)
+def test_logprobs_are_the_defended_distribution(server, reference, tokenizer):
+    client = _client(server)
     model = client.models.list().data[0].id
     prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     defense = {"mode": "poe", "gamma": GAMMA}
@@ -298,17 +277,16 @@ def test_logprobs_are_the_defended_distribution(front_end, reference, tokenizer)
     assert min_gap_teacher > 1e-2, min_gap_teacher
 
     # The "open" tier (mode none) gets the teacher itself: same path, different policy.
-    open_ids, open_tops, _ = _greedy_top_logprobs(_client(front_end, "sk-test-open"), model, prompt, max_tokens=1)
+    open_ids, open_tops, _ = _greedy_top_logprobs(_client(server, "sk-test-open"), model, prompt, max_tokens=1)
     teacher = reference.next_token_logprobs(prompt, {"mode": "none"})
     assert max(abs(v - teacher[t].item()) for t, v in open_tops[0].items()) < 1e-4
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
-def test_ads_tier_logprobs_are_the_ads_distribution(front_end, reference, tokenizer):
+def test_ads_tier_logprobs_are_the_ads_distribution(server, reference, tokenizer):
     prompt = tokenizer("Natalia sold clips to her friends", add_special_tokens=False)["input_ids"]
-    ads_client = _client(front_end, "sk-test-ads")
+    ads_client = _client(server, "sk-test-ads")
     model = ads_client.models.list().data[0].id
-    assert httpx.get(f"{front_end.base_url}/v1/defense",
+    assert httpx.get(f"{server.base_url}/v1/defense",
                      headers={"Authorization": "Bearer sk-test-ads"}).json()["mode"] == "ads"
     ids, tops, _ = _greedy_top_logprobs(ads_client, model, prompt, max_tokens=3, k=5)
     worst, min_gap_teacher = 0.0, float("inf")
@@ -352,7 +330,7 @@ def test_seeded_requests_whose_prompts_share_a_step_are_served_and_reproducible(
     first, second = run(), run()
     assert all(isinstance(t, str) for t in first), first
     assert first == second
-    assert httpx.get(f"{server.base_url}/health").json()["restarts"] == 0
+    assert server.restarts() == 0
 
 
 def _http_get_on(sock, path: str) -> int:
@@ -399,9 +377,8 @@ def test_chat_logprobs_have_openai_shape(client, model):
         client.chat.completions.create(model=model, messages=PROMPT, max_tokens=1, logprobs=True, top_logprobs=8)
 
 
-@pytest.mark.parametrize("front_end", FRONT_ENDS, indirect=True)
-def test_prompt_logprobs_and_echo_with_logprobs_are_refused(front_end):
-    client = _client(front_end)
+def test_prompt_logprobs_and_echo_with_logprobs_are_refused(server):
+    client = _client(server)
     model = client.models.list().data[0].id
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt="hi", max_tokens=1, extra_body={"prompt_logprobs": 1})
@@ -415,10 +392,22 @@ def test_prompt_logprobs_and_echo_with_logprobs_are_refused(front_end):
     assert r.choices[0].text.startswith("Hello there")
 
 
-def test_client_disconnect_aborts_the_engine_request(server):
-    def tokens() -> float:
-        return metric_sum(httpx.get(f"{server.base_url}/metrics").text, "distillgame_fidelity_tokens_total", mode="poe")
+def _running(server: ServerProcess) -> float:
+    return metric_sum(httpx.get(f"{server.base_url}/metrics").text, "vllm:num_requests_running")
 
+
+def _defended_tokens(server: ServerProcess) -> float:
+    return metric_sum(httpx.get(f"{server.base_url}/metrics").text, "distillgame_fidelity_tokens_total", mode="poe")
+
+
+def _wait_idle(server: ServerProcess, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while _running(server) > 0:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.25)
+
+
+def test_client_disconnect_aborts_the_engine_request(server):
     body = {"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0.0, "stream": True,
             "stop": [], "presence_penalty": 0.0}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
@@ -428,101 +417,97 @@ def test_client_disconnect_aborts_the_engine_request(server):
             if line.startswith("data: {"):
                 break
     # The connection is closed now; the engine must stop decoding that request.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{server.base_url}/metrics").text
-        if metric_sum(text, "distillgame_requests_total", status="aborted") >= 1 and \
-                metric_value(text, "distillgame_http_requests_in_flight") == 0:
-            break
-        time.sleep(0.25)
-    else:
-        pytest.fail("the disconnected request was not counted as aborted")
-    before = tokens()
+    _wait_idle(server, "the disconnected request is still running in the engine")
+    before = _defended_tokens(server)
     time.sleep(2.0)
-    assert tokens() == before  # nothing decoded after the abort (it would be ~15+ tok/s)
+    assert _defended_tokens(server) == before  # nothing decoded after the abort (it would be ~15+ tok/s)
 
 
 def test_non_streaming_client_timeout_aborts_the_engine_request(server):
-    def snapshot() -> tuple[float, float]:
-        text = httpx.get(f"{server.base_url}/metrics").text
-        return (metric_sum(text, "distillgame_requests_total", status="aborted"),
-                metric_sum(text, "distillgame_fidelity_tokens_total", mode="poe"))
-
-    aborted_before, _ = snapshot()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/completions", timeout=1.5,
                    json={"prompt": "Tell me a long story.", "max_tokens": 900, "temperature": 0.0},
                    headers={"Authorization": "Bearer sk-test-standard"})
-    deadline = time.monotonic() + 20
-    while snapshot()[0] < aborted_before + 1:
-        assert time.monotonic() < deadline, "the abandoned request was not aborted"
-        time.sleep(0.25)
-    _, tokens = snapshot()
+    _wait_idle(server, "the abandoned request is still running in the engine")
+    tokens = _defended_tokens(server)
     time.sleep(2.0)
-    assert snapshot()[1] == tokens
+    assert _defended_tokens(server) == tokens
 
 
-def test_injected_proxy_failure_fails_closed_and_the_engine_recovers(server, client, model):
-    metrics = httpx.get(f"{server.base_url}/metrics").text
-    released_before = metric_sum(metrics, "distillgame_generation_tokens_total")
+def _served_undefended(statuses: list[str]) -> bool:
+    return "200" in statuses
+
+
+def test_injected_proxy_failure_fails_closed_and_the_server_comes_back_defended(server, client, model):
+    """The proxy fails inside the engine: the request gets an error, no token; the server is restarted."""
+    restarts = server.restarts()
     server.fault_file.touch()
     try:
-        with pytest.raises(openai.InternalServerError) as err:
+        with pytest.raises(openai.APIError) as err:
             client.chat.completions.create(model=model, messages=PROMPT, max_tokens=8)
-        assert err.value.status_code == 500 and err.value.body["code"] == "engine_failed"
-        health = server.wait_health(want_ok=False, timeout=10)
-        assert health["status"] in ("failed", "restarting") and "died" in health["reason"]
-        # While the engine is down, requests are refused, not served undefended.
-        with pytest.raises(openai.InternalServerError) as err:
+        assert not isinstance(err.value, openai.APIStatusError) or err.value.status_code >= 500
+        # Down: /health is never 200 until the restarted server's defense is verified live.
+        seen = server.wait_health(want_ok=False, timeout=30)
+        # While the engine is down, requests are refused (an error or no connection), never served.
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
             client.completions.create(model=model, prompt="hi", max_tokens=2)
-        assert err.value.status_code == 503
     finally:
         server.fault_file.unlink(missing_ok=True)
-    metrics = httpx.get(f"{server.base_url}/metrics").text
-    assert metric_sum(metrics, "distillgame_generation_tokens_total") == released_before
-    server.wait_health(want_ok=True, timeout=ENGINE_START_S)
+    seen += server.wait_health(want_ok=True, timeout=ENGINE_START_S)
+    assert seen[-1] == "200" and not _served_undefended(seen[:-1]), seen
+    assert server.restarts() == restarts + 1
     r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4, temperature=0.0)
     assert r.usage.completion_tokens >= 1
-    assert httpx.get(f"{server.base_url}/health").json()["restarts"] == 1
 
 
-def test_failure_mid_stream_ends_with_an_error_event(server, client, model):
-    stream = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=600, temperature=0.0,
-                                       stream=True)
+def test_a_killed_engine_mid_stream_releases_nothing_more_and_the_server_comes_back_defended(server, client, model,
+                                                                                             reference, tokenizer):
+    """SIGKILL the engine core while a defended stream runs: the stream ends in an error, nothing after it."""
+    restarts = server.restarts()
+    prompt = tokenizer("Count: 1, 2, 3,", add_special_tokens=False)["input_ids"]
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=600, temperature=0.0, stream=True,
+                                       logprobs=5, extra_body={"return_tokens_as_token_ids": True})
     received = []
-    with pytest.raises(openai.APIError) as err:
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
         for chunk in stream:
             received.append(chunk)
-            if len(received) == 2:
-                server.fault_file.touch()
-    server.fault_file.unlink(missing_ok=True)
-    assert "no output was released" in str(err.value)
-    assert received and all(c.choices[0].finish_reason is None for c in received)
-    assert server.wait_health(want_ok=False, timeout=10)["status"] in ("failed", "restarting")
-    assert server.wait_health(want_ok=True, timeout=ENGINE_START_S)["restarts"] == 2
+            if len(received) == 3:
+                server.engine_core().kill()
+        raise AssertionError("the stream ended without an error after its engine was killed")
+    # Every token that left before the kill is the defended distribution's greedy choice; the stream
+    # did not finish normally.
+    ids = [int(t.split(":", 1)[1]) for c in received for t in (c.choices[0].logprobs.tokens or [])]
+    assert len(ids) >= 3 and all(c.choices[0].finish_reason is None for c in received)
+    for pos in range(3):
+        defended = reference.next_token_logprobs(prompt + ids[:pos], {"mode": "poe", "gamma": GAMMA})
+        assert ids[pos] == int(defended.argmax())
+    seen = server.wait_health(want_ok=False, timeout=30)
+    seen += server.wait_health(want_ok=True, timeout=ENGINE_START_S)
+    assert seen[-1] == "200" and not _served_undefended(seen[:-1]), seen
+    assert server.restarts() == restarts + 1
+    ids2, tops, _ = _greedy_top_logprobs(client, model, prompt, max_tokens=1)
+    defended = reference.next_token_logprobs(prompt, {"mode": "poe", "gamma": GAMMA})
+    assert max(abs(v - defended[t].item()) for t, v in tops[0].items()) < 1e-4
 
 
-def test_metrics_expose_the_families_after_traffic(server):
+def test_metrics_expose_the_families_after_traffic(server, client, model):
+    for _ in range(3):
+        client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0.0)
+    _client(server, "sk-test-open").completions.create(model=model, prompt="hi", max_tokens=2)
     text = httpx.get(f"{server.base_url}/metrics").text
-    assert metric_sum(text, "distillgame_requests_total", tier="standard", mode="poe", status="ok") >= 5
+    assert metric_sum(text, "distillgame_requests_total", tier="standard", mode="poe", status="ok") >= 3
     assert metric_sum(text, "distillgame_requests_total", tier="open", mode="none", status="ok") >= 1
-    assert metric_sum(text, "distillgame_requests_total", status="error") >= 1
-    assert metric_sum(text, "distillgame_generation_tokens_total", tier="standard", mode="poe") > 10
-    assert metric_sum(text, "distillgame_prompt_tokens_total", mode="poe") > 10
-    ttft_count = metric_value(text, "distillgame_time_to_first_token_seconds_count", mode="poe")
-    ttft_sum = metric_value(text, "distillgame_time_to_first_token_seconds_sum", mode="poe")
-    assert ttft_count >= 5 and 0 < ttft_sum / ttft_count < 60
-    # Means, not sums: a sum over every request of the module grows with machine load.
-    tpot_count = metric_value(text, "distillgame_time_per_output_token_seconds_count", mode="poe")
-    tpot_sum = metric_value(text, "distillgame_time_per_output_token_seconds_sum", mode="poe")
-    assert tpot_count >= 5 and 0 < tpot_sum / tpot_count < 60
-    assert metric_value(text, "distillgame_requests_running") is not None
-    assert metric_value(text, "distillgame_requests_waiting") is not None
+    assert metric_sum(text, "distillgame_requests_total", status="rejected") >= 1
+    assert metric_value(text, "distillgame_http_requests_in_flight") == 0
     kl = metric_value(text, "distillgame_fidelity_kl_per_token", mode="poe")
     agree = metric_value(text, "distillgame_fidelity_argmax_agreement", mode="poe")
     assert kl is not None and kl > 0
     assert agree is not None and 0 <= agree <= 1
-    assert metric_value(text, "distillgame_engine_restarts_total") >= 1
+    # The fidelity counters count released defended tokens: at least the 3 x 6 above, since the last restart.
+    assert metric_sum(text, "distillgame_fidelity_tokens_total", mode="poe") >= 18
+    # vLLM's own families, on the same page.
+    assert metric_sum(text, "vllm:generation_tokens_total") >= 20
+    assert "vllm:num_requests_running" in text
 
 
 def test_sigterm_drains_in_flight_requests(server, model):

@@ -18,7 +18,6 @@ from distillgame.server.policy import (
     default_policy,
     load_policy,
 )
-from distillgame.server.protocol import ChatCompletionRequest, CompletionRequest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "server" / "policy.example.toml"
 
@@ -100,11 +99,15 @@ def test_rate_limiter_uses_a_sliding_minute():
 
 @pytest.mark.parametrize("field", ["vllm_xargs", "extra_args", "defense", "logits_processors", "distillgame"])
 def test_requests_refuse_engine_fields(field):
-    with pytest.raises(ValidationError) as err:
-        CompletionRequest.model_validate({"prompt": "hi", field: {"mode": "none"}})
-    assert err.value.errors()[0]["type"] == "extra_forbidden"
-    with pytest.raises(ValidationError):
-        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], field: {}})
+    from distillgame.server.gateway import GatewayError, _check_chat, _check_completion
+
+    tier = default_policy().tiers["default"]
+    with pytest.raises(GatewayError) as err:
+        _check_completion({"prompt": "hi", field: {"mode": "none"}}, tier)
+    assert err.value.status == 400 and err.value.param == field
+    with pytest.raises(GatewayError) as err:
+        _check_chat({"messages": [{"role": "user", "content": "hi"}], field: {}}, tier)
+    assert err.value.param == field
 
 
 def test_fidelity_counters_become_increments_across_engine_restarts():
