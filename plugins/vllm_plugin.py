@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so that what the plugin sets shows in the server's log beside vLLM's own lines
+# (vLLM configures handlers for "vllm" only).
+logger = logging.getLogger("vllm.distillgame")
 
 SECTION = "distillgame"
 WORKER_EXTENSION = "distillgame.plugins.processor.DefenseWorkerExtension"
@@ -129,6 +131,8 @@ def apply_defense_arguments(args: Any, section: dict[str, Any]) -> None:
         raise DefenseConfigError(f"the defense needs --worker-extension-cls {WORKER_EXTENSION} (its status and "
                                  f"fidelity calls); this engine names {extension!r}")
     args.worker_extension_cls = WORKER_EXTENSION
+    logger.info("defended engine (proxy %s): async scheduling off, worker extension %s, V1 model runner",
+                settings.proxy, WORKER_EXTENSION)
     if not args.hf_overrides:
         overrides = proxy_overrides(args.model, settings.proxy, settings.proxy_runner)
         if overrides:

@@ -120,13 +120,15 @@ class FrontEnd:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=new_session)
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float = 300.0, want_health: int = 200) -> None:
+        """Until ``/health`` answers ``want_health`` (503: the app is up, but the defense is not live)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.base_url}/health", timeout=2)
+                if r.status_code == want_health and (want_health == 200 or "defense_not_live" in r.text):
                     return
             except httpx.HTTPError:
                 pass
@@ -298,11 +300,12 @@ class VllmServeProcess(FrontEnd):
 
 
 @contextlib.contextmanager
-def serving(server: FrontEnd, extra_args: list[str] | None = None, timeout: float = 400.0) -> Iterator[FrontEnd]:
-    """``server`` started and ready for the block, stopped after it."""
+def serving(server: FrontEnd, extra_args: list[str] | None = None, timeout: float = 400.0,
+            want_health: int = 200) -> Iterator[FrontEnd]:
+    """``server`` started and ready (``/health`` answers ``want_health``) for the block, stopped after it."""
     server.start(extra_args)
     try:
-        server.wait_ready(timeout=timeout)
+        server.wait_ready(timeout=timeout, want_health=want_health)
         yield server
     finally:
         server.stop()

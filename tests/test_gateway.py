@@ -216,6 +216,23 @@ def test_keys_rate_limits_and_body_limits_are_the_servers(tmp_path):
     assert len(seen) == 2  # /health and the first limited request
 
 
+def test_health_is_ready_only_once_every_worker_is_defended(tmp_path):
+    """Ready means defended: /health is 503 with the reason until the status call says every worker is live."""
+    dead = {"configured": True, "live": 0, "speculative": False, "async_scheduling": False}
+    client, _ = _stand_in(tmp_path, _Engine(statuses=[{**dead, "live": 1}, dead]))
+    err = _error(client.get("/health"), 503)
+    assert err["code"] == "defense_not_live" and "worker 1" in err["message"], err
+    client, _ = _stand_in(tmp_path, _Engine(logprobs_mode="raw_logprobs"))
+    assert "logprobs_mode" in _error(client.get("/health"), 503)["message"]
+    client, _ = _stand_in(tmp_path, _Engine(ads_grad=None))
+    assert "ADS gradient" in _error(client.get("/health"), 503)["message"]  # the policy has an ADS tier
+    client, _ = _stand_in(tmp_path)
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert set(r.json()["defended_tiers"]) == {name for name, tier in _policy(tmp_path).tiers.items() if tier.defended}
+    assert "open" not in r.json()["defended_tiers"]
+
+
 @pytest.mark.parametrize("raw, param, code", [
     # Python's json takes these as floats; vLLM's models would too.
     (b'{"prompt": "hi", "temperature": NaN}', None, "invalid_json"),
@@ -428,8 +445,11 @@ def test_vllm_serve_refuses_every_route_off_the_allowlist(vllm_server, monkeypat
 def test_vllm_serve_without_the_defense_config_refuses_defended_tiers(tiny_pair, tmp_path):
     """Today's failure mode, `vllm serve` with no `distillgame` section, now answers 503 instead of the teacher."""
     teacher, proxy = tiny_pair
-    with serving(VllmServeProcess(tmp_path, teacher=teacher, proxy=proxy, defended=False)) as srv:
+    srv = VllmServeProcess(tmp_path, teacher=teacher, proxy=proxy, defended=False)
+    with serving(srv, want_health=503) as srv:
         base = srv.base_url
+        health = httpx.get(f"{base}/health").json()["error"]
+        assert health["code"] == "defense_not_live" and "no additional_config" in health["message"], health
         for _ in range(2):
             with pytest.raises(openai.InternalServerError) as err:
                 _sdk(base).completions.create(model="tiny-teacher", prompt="hi", max_tokens=1)

@@ -64,7 +64,7 @@ class _MakeServe(ServerProcess):
     def start(self, extra_args: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--port", str(self.port),
                "--memory-share", "0.1", "--kv-cache-gib", "0.25", "--max-num-seqs", "4"]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_USE_V2_MODEL_RUNNER="0")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         self.log = open(self.log_file, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
