@@ -28,10 +28,10 @@ endif
 serve: $(STAMP)
 	$(BIN)/distillgame serve
 
-# The slow-marked end-to-end studies (the security suites against `vllm serve`,
-# an undefended vLLM engine, a real `bench overhead --quick` run, the `attack
-# table` smoke run) run with `make test-slow`; they keep `make test` under 40
-# minutes on 2 cores.
+# The slow-marked end-to-end studies (the drop-in with reasoning and tool
+# parsers, the drop-in without the defense's config, a real `bench overhead
+# --quick` run, the `attack table` smoke run) run with `make test-slow`; they
+# keep `make test` under 40 minutes on 2 cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=1200 --durations=20 -m "not slow" tests
 

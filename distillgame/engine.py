@@ -124,13 +124,17 @@ class EngineConfig:
 
     def server_args(self) -> list[str]:
         """:meth:`engine_kwargs` as the command-line flags of vLLM's OpenAI server (``vllm serve``)."""
+        options = _server_options()
         argv: list[str] = []
         for name, value in self.engine_kwargs().items():
             flag = "--" + name.replace("_", "-")
-            if name == "model":
-                argv += ["--model", str(value)]
-            elif isinstance(value, bool):
-                argv.append(flag if value else "--no-" + flag[2:])
+            if isinstance(value, bool):
+                negated = "--no-" + flag[2:]
+                if value:
+                    argv.append(flag)
+                elif negated in options:
+                    argv.append(negated)
+                # else: a plain switch whose default is off.
             elif isinstance(value, (dict, list)):
                 argv += [flag, json.dumps(value)]
             elif value is not None:
@@ -170,6 +174,14 @@ def verify_defense_live(statuses: list[dict[str, Any]]) -> None:
         else:
             reason = "no defense processor was built"
         raise DefenseNotLive(f"worker {i}: {reason}; a defended engine must not serve")
+
+
+def _server_options() -> set[str]:
+    """Every option string vLLM's OpenAI server parses."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return {flag for action in make_arg_parser(FlexibleArgumentParser())._actions for flag in action.option_strings}
 
 
 def _on_cpu() -> bool:

@@ -82,9 +82,9 @@ def test_a_512_position_teacher_serves_without_flags(server_512):
                    json={"model": "teacher", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
-    # The context is the models' 512 positions, not the old fixed 2048.
+    # The context is the models' 512 positions, not the old fixed 2048: a longer prompt is a 400 that says so.
     r = httpx.post(f"{server_512.base_url}/v1/completions",
-                   json={"model": "teacher", "prompt": "The quick brown fox", "max_tokens": POSITIONS})
+                   json={"model": "teacher", "prompt": "fox " * (POSITIONS + 50), "max_tokens": 4})
     assert r.status_code == 400
     assert str(POSITIONS) in r.json()["error"]["message"], r.json()
 

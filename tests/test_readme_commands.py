@@ -211,7 +211,6 @@ class _ReadmeRecipe(FrontEnd):
             return self.proc.wait(timeout=30)
 
 
-@pytest.mark.slow
 def test_readme_vllm_serve_recipe_runs_as_written_and_is_defended(tmp_path):
     """The recipe, pasted into bash: its curl answers, with the PoE tier's logprobs, and no key is a 401."""
     import torch

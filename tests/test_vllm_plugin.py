@@ -90,6 +90,7 @@ def test_the_server_flags_parse_back_to_the_engine_arguments(tiny_pair):
     teacher, proxy = tiny_pair
     config = EngineConfig(teacher=str(teacher), proxy=str(proxy), max_model_len=128, max_num_seqs=4,
                           memory_share=0.07, kv_cache_bytes=1 << 26, dtype="float32")
+    config.disable_log_stats = False  # as distillgame serve runs it: a plain switch, so left out
     kwargs = config.engine_kwargs()
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(config.server_args())
     args = AsyncEngineArgs.from_cli_args(parsed)
