@@ -401,7 +401,7 @@ def load_val_problems(cfg: DistillConfig) -> list[Any]:
 
 def greedy_accuracy(
     model: torch.nn.Module, tokenizer: Any, problems: list[Any], task: str, max_new_tokens: int = 256,
-    batch_size: int = 100,
+    batch_size: int = 100, return_completions: bool = False,
 ) -> dict[str, Any]:
     """Greedy accuracy of the in-training student (transformers ``generate``, left-padded
     batches, cut at the task's stop strings as vLLM's ``distillgame eval`` cuts them);
@@ -431,7 +431,8 @@ def greedy_accuracy(
         tokenizer.padding_side = side
         model.train(was_training)
     rows = score_completions(problems, texts)
-    return {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)), "n": len(rows)}
+    out = {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)), "n": len(rows)}
+    return {**out, "completions": texts} if return_completions else out
 
 
 # ---------------------------------------------------------------- model

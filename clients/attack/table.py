@@ -73,6 +73,15 @@ ATTACKERS: dict[str, dict[str, Any]] = {
 ADAPTIVE = ("adaptive-minibatch", "adaptive-released", "adaptive-released-neg")
 CONTROLS = ("placebo",)
 DEFAULT_ATTACKERS = [a for a in ATTACKERS if a not in CONTROLS and a != "adaptive-released-neg"]
+# The frontier's points beyond Table 1's get these attackers only (sweep_seeds seeds).
+SWEEP_ATTACKERS = ("passive", "filter-correct")
+# The order cells are trained in, so that a run cut short has the most useful ones:
+# passive everywhere first (Table 1's rows, then the frontier's), then rejection
+# sampling, then the adaptive protocols (the slowest students).
+PRIORITY = ("passive", "filter-correct", "adaptive-minibatch", "adaptive-released", "filter-degenerate",
+            "adaptive-released-neg", "placebo")
+PLATEAU_RULE = ("the best validation accuracy so far (greedy, {n} {split} problems) gained less than "
+                "{gain:g} points over the last {window} epochs")
 
 
 def parse_attackers(spec: str | list[str], placebo: bool = False) -> list[str]:
@@ -163,6 +172,18 @@ class TableConfig:
     rank: int = 64
     lr: float = 5e-3
     epochs: float = 20.0
+    lora: bool = True  # False: full fine-tuning (the student is small and trained from scratch)
+    # Convergence: every student's greedy accuracy after each epoch on val_acc_n
+    # problems of the task's val_acc_split (0: off), and the plateau rule applied to
+    # the undefended passive students' curves.
+    val_acc_n: int = 200
+    val_acc_split: str = "holdout"
+    plateau_window: int = 3
+    plateau_min_gain: float = 0.01
+    sweep_seeds: int = 2
+    # Without training: the table from the cells already finished (n < seeds where
+    # some are missing), labelled partial.
+    partial: bool = False
     batch_size: int = 6
     grad_accum: int = 4
     max_length: int = 512
@@ -216,7 +237,8 @@ class TableConfig:
                 data = json.loads(text)
         for key in ("teacher", "proxy", "student", "task", "seeds", "n_train", "n_test", "n_val", "max_tokens",
                     "epochs", "rank", "lr", "batch_size", "grad_accum", "max_length", "rho", "val_every", "workers",
-                    "base_url", "beta", "fd_eps", "clip", "n_val_traces", "timing_rounds", "timing_prompts"):
+                    "base_url", "beta", "fd_eps", "clip", "n_val_traces", "timing_rounds", "timing_prompts",
+                    "val_acc_n", "sweep_seeds"):
             value = getattr(args, key, None)
             if value is not None:
                 data[key] = None if value == "default" else value
@@ -224,6 +246,9 @@ class TableConfig:
             data["settings"] = parse_settings(args.settings)
         data["sweep"] = bool(args.sweep or data.get("sweep", False))
         data["collect_only"] = bool(getattr(args, "collect_only", False) or data.get("collect_only", False))
+        data["partial"] = bool(getattr(args, "partial", False) or data.get("partial", False))
+        if getattr(args, "full", False):
+            data["lora"] = False
         if getattr(args, "attackers", None):
             data["attackers"] = args.attackers
         data["placebo"] = bool(getattr(args, "placebo", False) or data.get("placebo", False))
@@ -509,56 +534,125 @@ def _first_model(base_url: str, api_key: str) -> str:
     return openai.OpenAI(base_url=base_url, api_key=api_key).models.list().data[0].id
 
 
+def cell_config(cfg: TableConfig, attacker: str, seed: int, out: Path) -> DistillConfig:
+    """The student of one (attacker, seed) cell: the table's recipe plus the attacker's weights/filters."""
+    return DistillConfig(student=cfg.student, out=out, rho=cfg.rho, val_every=cfg.val_every, rank=cfg.rank,
+                         lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         max_length=cfg.max_length, seed=seed, beta=cfg.beta, fd_eps=cfg.fd_eps, clip=cfg.clip,
+                         lora=cfg.lora, val_acc_task=cfg.task if cfg.val_acc_n else None,
+                         val_acc_split=cfg.val_acc_split, val_acc_n=cfg.val_acc_n or 200, **ATTACKERS[attacker])
+
+
+def cell_key(cfg: TableConfig, attacker: str, seed: int) -> dict[str, Any]:
+    """What a cell's result depends on besides its traces: its student's configuration
+    (paths aside) and the test set. A saved cell with another key is not reused."""
+    dcfg = dataclasses.asdict(cell_config(cfg, attacker, seed, Path(".")))
+    dcfg.pop("out")
+    dcfg["student"] = Path(cfg.student).name
+    return {"distill": dcfg, "task": cfg.task, "n_test": cfg.n_test, "max_tokens": cfg.max_tokens}
+
+
+def cell_path(cfg: TableConfig, setting: Setting, attacker: str, seed: int) -> Path:
+    """A finished cell's small result file, under ``out`` (committed; the weights stay in ``work``)."""
+    return cfg.out / "table1_cells" / setting.name / f"{run_name(attacker, seed)}.json"
+
+
+def load_cell(cfg: TableConfig, setting: Setting, attacker: str, seed: int) -> dict[str, Any] | None:
+    path = cell_path(cfg, setting, attacker, seed)
+    if not path.exists():
+        return None
+    cell = json.loads(path.read_text())
+    return cell if cell.get("key") == cell_key(cfg, attacker, seed) else None
+
+
 def train_and_score(cfg: TableConfig, setting: Setting, attacker: str, seed: int) -> dict[str, Any]:
     """One cell of the table: distill a student (unless already done), score it on the test split;
-    returns ``{"acc", "dropped"}`` (traces its filters dropped)."""
+    returns ``{"acc", "dropped", "learning_curve", ...}`` and saves it as the cell's result file,
+    which a later run reuses (so a table resumes from ``out`` even without ``work``)."""
     import torch
 
+    cached = load_cell(cfg, setting, attacker, seed)
+    if cached is not None:
+        return cached
     torch.set_num_threads(cfg.threads)
     d = cfg.work / setting.name
     run = d / run_name(attacker, seed)
     if not (run / "summary.json").exists():
-        dcfg = DistillConfig(student=cfg.student, out=run, rho=cfg.rho, val_every=cfg.val_every,
-                             rank=cfg.rank, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                             grad_accum=cfg.grad_accum, max_length=cfg.max_length, seed=seed, beta=cfg.beta,
-                             fd_eps=cfg.fd_eps, clip=cfg.clip, **ATTACKERS[attacker])
+        dcfg = cell_config(cfg, attacker, seed, run)
         released = dcfg.mode == "adaptive" and dcfg.weighting == "released"
         distill(dcfg, d / "traces.jsonl", val_task=cfg.task, val_split="validation", val_n=cfg.n_val,
                 val_traces=val_traces_path(cfg) if released else None)
     summary = json.loads((run / "summary.json").read_text())
-    dropped = sum((summary.get("dropped") or {}).values())
-    return {"acc": eval_student(str(run / "merged"), cfg, run / "eval"), "dropped": dropped}
+    cell = {
+        "acc": eval_student(str(run / "merged"), cfg, run / "eval"),
+        "dropped": sum((summary.get("dropped") or {}).values()),
+        "n_test": cfg.n_test,
+        "learning_curve": summary.get("learning_curve") or [],
+        "plateau_epoch": summary.get("plateau_epoch"),
+        "steps": summary["steps"],
+        "train_s": summary.get("train_s", summary["wall_s"]),
+        "val_eval_s": summary.get("val_eval_s", 0.0),
+        "key": cell_key(cfg, attacker, seed),
+    }
+    path = cell_path(cfg, setting, attacker, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell, indent=1))
+    return cell
 
 
-def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Every (setting, attacker, seed) cell, ``cfg.workers`` at a time in their own processes.
+def table_cells(cfg: TableConfig, settings: list[Setting]) -> list[tuple[Setting, str, int]]:
+    """Every (setting, attacker, seed) cell to fill, in ``PRIORITY`` order: Table 1's rows get
+    every attacker and ``seeds`` seeds; the frontier's other points ``SWEEP_ATTACKERS`` and
+    ``sweep_seeds`` seeds."""
+    main = {s.name for s in cfg.settings} | {"none"}
+    cells = []
+    for a in sorted(cfg.attackers, key=PRIORITY.index):
+        for in_table in (True, False):
+            for seed in range(cfg.seeds):
+                for s in settings:
+                    if (s.name in main) != in_table:
+                        continue
+                    if not in_table and (a not in SWEEP_ATTACKERS or seed >= cfg.sweep_seeds):
+                        continue
+                    cells.append((s, a, seed))
+    return cells
+
+
+def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, list[dict[str, Any] | None]]]:
+    """Every cell of ``table_cells``, ``cfg.workers`` at a time in their own processes
+    (with ``cfg.partial``: only those already finished, nothing is trained).
 
     Cells are independent (each seeds itself and trains on one thread), so the
     results do not depend on how many run at once. Processes are spawned, not
     forked: the parent may hold torch and HTTP state that must not be copied.
+    Returns ``{setting: {attacker: [cell or None per seed]}}``.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
 
-    # The minibatch-adaptive students are the slow ones (per-example gradients): start them first.
-    slow_first = sorted(cfg.attackers, key=lambda a: ATTACKERS[a].get("weighting") != "minibatch"
-                        or ATTACKERS[a]["mode"] != "adaptive")
     as_passive = {(s.name, a) for s in settings for a in cfg.attackers if filters_drop_nothing(cfg, s, a)}
     for name, a in sorted(as_passive):
         log.info("%s %s: its filters drop no trace, so its students are passive's (not trained again)", name, a)
-    cells = [(s, a, seed) for a in slow_first for s in settings for seed in range(cfg.seeds)
-             if (s.name, a) not in as_passive]
+    cells = [(s, a, seed) for s, a, seed in table_cells(cfg, settings) if (s.name, a) not in as_passive]
     out: dict[str, dict[str, list[Any]]] = {s.name: {a: [None] * cfg.seeds for a in cfg.attackers} for s in settings}
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_and_score, cfg, s, a, seed): (s, a, seed) for s, a, seed in cells}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="students", unit="student"):
-            s, a, seed = futures[fut]
-            out[s.name][a][seed] = fut.result()
-            log.info("%s %s seed %d: accuracy %.3f", s.name, a, seed, out[s.name][a][seed]["acc"])
+    todo = []
+    for s, a, seed in cells:
+        done = load_cell(cfg, s, a, seed)
+        if done is not None:
+            out[s.name][a][seed] = done
+        elif not cfg.partial:
+            todo.append((s, a, seed))
+    if todo:
+        with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(train_and_score, cfg, s, a, seed): (s, a, seed) for s, a, seed in todo}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="students", unit="student"):
+                s, a, seed = futures[fut]
+                out[s.name][a][seed] = fut.result()
+                log.info("%s %s seed %d: accuracy %.3f", s.name, a, seed, out[s.name][a][seed]["acc"])
     for name, a in as_passive:
-        out[name][a] = [{**cell, "dropped": 0, "as_passive": True} for cell in out[name]["passive"]]
+        out[name][a] = [None if c is None else {**c, "dropped": 0, "as_passive": True} for c in out[name]["passive"]]
     return out  # type: ignore[return-value]
 
 
@@ -589,10 +683,11 @@ def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any
     ``adaptive`` (the better adaptive protocol, or None), ``passive_acc``,
     ``adaptive_acc`` and ``rel_gain`` (adaptive / passive - 1).
     """
+    cells = {a: [c for c in runs if c is not None] for a, runs in cells.items()}
     attackers = {
         a: {**mean_sem([c["acc"] for c in runs]), "dropped": max(c["dropped"] for c in runs),
             **({"as_passive": True} if all(c.get("as_passive") for c in runs) else {})}
-        for a, runs in cells.items()
+        for a, runs in cells.items() if runs
     }
     candidates = [a for a in attackers if a not in CONTROLS]
     strongest = max(candidates, key=lambda a: attackers[a]["mean"])
@@ -620,11 +715,20 @@ def _pct(m: dict) -> str:
 
 
 def write_markdown(path: Path, result: dict) -> None:
+    base = result["student_base_acc"]
+    conv = result.get("convergence")
     rows = [
-        f"# Table 1 ({result['config']['task']}, {result['config']['seeds']} seeds)",
+        f"# Table 1 ({result['config']['task']}, {result['config']['seeds']} seeds)"
+        + (f" — PARTIAL: {result['missing_cells']} cells not finished, n = seeds done" if result.get("partial") else ""),
         "",
-        f"Student base accuracy: {100 * result['student_base_acc']:.2f}%",
+        f"Student base accuracy: {'n/a' if base is None else f'{100 * base:.2f}%'}",
         "",
+    ]
+    if conv:
+        rows += [f"Epochs: {conv['epochs']:g}. Plateau rule: {conv['rule']}. Plateau epoch of the mean passive curve: "
+                 + ", ".join(f"{k}: {v if v is not None else 'not reached'}" for k, v in conv["plateau_epoch"].items())
+                 + ".", ""]
+    rows += [
         "| Teacher | Teacher Acc. ↑ | Passive Acc. ↓ | Adaptive Acc. ↓ | Rel. Gain | Strongest attacker | Time Cost |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -634,11 +738,13 @@ def write_markdown(path: Path, result: dict) -> None:
         strongest = f"{r['strongest']}: {_pct(r['attackers'][r['strongest']])}"
         rows.append(f"| {r['label']} | {_pct(r['teacher_acc'])} | {_pct(r['passive_acc'])} | "
                     f"{adaptive} | {gain} | {strongest} | {r['time_cost']:.2f}× |")
-    names = list(result["rows"][0]["attackers"]) if result["rows"] else []
-    rows += ["", "Every attacker (student accuracy; traces its filters dropped):", "",
+    names = list(dict.fromkeys(a for r in result["rows"] for a in r["attackers"]))
+    rows += ["", "Every attacker (student accuracy, n = seeds; traces its filters dropped):", "",
              "| Teacher | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for r in result["rows"]:
-        cells = [f"{_pct(r['attackers'][a])}" + (f" (-{r['attackers'][a]['dropped']})" if r["attackers"][a]["dropped"]
+        cells = ["–" if a not in r["attackers"] else
+                 f"{_pct(r['attackers'][a])} (n={r['attackers'][a]['n']})"
+                 + (f" (-{r['attackers'][a]['dropped']})" if r["attackers"][a]["dropped"]
                  else " (= passive: 0 dropped)" if r["attackers"][a].get("as_passive") else "") for a in names]
         rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
@@ -696,13 +802,13 @@ def draw_attackers(path: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows[0]["attackers"]) if rows else []
+    names = list(dict.fromkeys(a for r in rows for a in r["attackers"]))
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows) * max(1, len(names)) / 4, 4))
     for i, name in enumerate(names):
         x = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
-        y = [100 * r["attackers"][name]["mean"] for r in rows]
-        e = [100 * r["attackers"][name]["sem"] for r in rows]
+        y = [100 * r["attackers"][name]["mean"] if name in r["attackers"] else 0.0 for r in rows]
+        e = [100 * r["attackers"][name]["sem"] if name in r["attackers"] else 0.0 for r in rows]
         ax.bar(x, y, width, yerr=e, capsize=2, label=name)
     for j, r in enumerate(rows):  # the strongest attacker of each setting, marked above its bar
         k = names.index(r["strongest"])
@@ -718,6 +824,67 @@ def draw_attackers(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def learning_curves(cells: dict[str, dict[str, list[dict | None]]], attacker: str = "passive") -> dict[str, Any]:
+    """Per setting, ``attacker``'s greedy validation accuracy after each epoch: every seed's
+    curve and their mean over the epochs all seeds reached (the learning-curve figure's data)."""
+    out: dict[str, Any] = {}
+    for name, by_attacker in cells.items():
+        runs = [c["learning_curve"] for c in by_attacker.get(attacker, []) if c and c.get("learning_curve")]
+        if not runs:
+            continue
+        n_epochs = min(len(r) for r in runs)
+        out[name] = {
+            "epochs": [r["epoch"] for r in runs[0][:n_epochs]],
+            "seeds": [[r["val_acc"] for r in run] for run in runs],
+            "mean": [sum(run[e]["val_acc"] for run in runs) / len(runs) for e in range(n_epochs)],
+            "n_val": runs[0][0]["n"],
+        }
+    return out
+
+
+def convergence(cfg: TableConfig, curves: dict[str, Any]) -> dict[str, Any]:
+    """The epoch count, the plateau rule and where each setting's mean passive curve meets it;
+    ``converged`` is whether the undefended passive students plateaued within the epochs trained."""
+    from .distill import plateau_epoch
+
+    rule = PLATEAU_RULE.format(n=cfg.val_acc_n, split=cfg.val_acc_split, gain=100 * cfg.plateau_min_gain,
+                               window=cfg.plateau_window)
+    plateau = {name: plateau_epoch(c["mean"], cfg.plateau_window, cfg.plateau_min_gain) for name, c in curves.items()}
+    return {"epochs": cfg.epochs, "rule": rule, "window": cfg.plateau_window, "min_gain": cfg.plateau_min_gain,
+            "plateau_epoch": plateau, "converged": plateau.get("none") is not None}
+
+
+def draw_learning_curves(path: Path, curves: dict[str, Any], labels: dict[str, str], plateau: dict[str, Any]) -> None:
+    """Passive students' validation accuracy against epoch, one line per setting (seeds thin)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        for seed in c["seeds"]:
+            ax.plot(c["epochs"][: len(seed)], [100 * a for a in seed[: len(c["epochs"])]], color=color, alpha=0.25, lw=0.8)
+        ax.plot(c["epochs"], [100 * a for a in c["mean"]], color=color, lw=2,
+                label=f"{labels.get(name, name)} (n={len(c['seeds'])})")
+        if plateau.get(name):
+            e = plateau[name]
+            ax.plot([e], [100 * c["mean"][e - 1]], "v", color=color, ms=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"passive student validation accuracy (%, greedy, n={next(iter(curves.values()))['n_val']})")
+    ax.set_title("Learning curves (▼ plateau by the rule)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _collection_path(cfg: TableConfig, setting: Setting) -> Path:
+    return cfg.out / "table1_cells" / setting.name / "collection.json"
+
+
 def run_table(cfg: TableConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.work.mkdir(parents=True, exist_ok=True)
@@ -725,8 +892,15 @@ def run_table(cfg: TableConfig) -> dict:
     t_start = time.perf_counter()
 
     collected: dict[str, dict] = {s.name: done for s in settings if (done := _collected(cfg, s)) is not None}
+    if cfg.partial:  # from the committed summaries where the traces are gone
+        for s in settings:
+            if s.name not in collected and _collection_path(cfg, s).exists():
+                collected[s.name] = json.loads(_collection_path(cfg, s).read_text())
+        settings = [s for s in settings if s.name in collected]
     todo = [s for s in settings if s.name not in collected]
     timing = _timed(cfg, settings)
+    if cfg.partial and timing is None and (cfg.out / "table1_cells" / "timing.json").exists():
+        timing = json.loads((cfg.out / "table1_cells" / "timing.json").read_text())
     server = Server(cfg, settings) if cfg.base_url is None and (todo or timing is None) else None
     base_url = server.base_url if server else cfg.base_url
     keys = server.keys if server else {s.name: s.api_key or "EMPTY" for s in settings}
@@ -741,37 +915,58 @@ def run_table(cfg: TableConfig) -> dict:
     finally:
         if server:
             server.close()  # frees the engine's memory for training and evaluation
+    for s in settings:
+        fidelity = cfg.work / s.name / "fidelity.json"
+        if fidelity.exists():
+            collected[s.name]["fidelity"] = json.loads(fidelity.read_text())
+        _collection_path(cfg, s).parent.mkdir(parents=True, exist_ok=True)
+        _collection_path(cfg, s).write_text(json.dumps(collected[s.name], indent=1))
+    (cfg.out / "table1_cells" / "timing.json").write_text(json.dumps(timing, indent=1))
     if cfg.collect_only:
         return {"collected": {name: c["teacher"]["accuracy"] for name, c in collected.items()}, "timing": timing}
 
-    base_acc = eval_student(cfg.student, cfg, cfg.work / "student-base" / "eval")
+    base_summary = cfg.work / "student-base" / "eval" / "summary.json"
+    base_acc = None if cfg.partial and not base_summary.exists() else eval_student(
+        cfg.student, cfg, cfg.work / "student-base" / "eval")
     accs = distill_all(cfg, settings)
 
     costs = time_costs(timing)
     rows = []
     for s in settings:
+        if not any(accs[s.name]["passive"]):
+            continue  # partial: no passive student yet
         c = collected[s.name]
         t = c["teacher"]
         p = t["accuracy"]
         agg = aggregate_attackers(accs[s.name])
+        done = {a: [x["acc"] for x in cells if x] for a, cells in accs[s.name].items()}
         rows.append({
             "teacher": s.name,
             "label": s.label,
             "defense": s.defense,
             "teacher_acc": {"mean": p, "sem": math.sqrt(p * (1 - p) / t["n_records"]), "n": t["n_records"]},
             **agg,
-            "runs": {a: [c["acc"] for c in cells] for a, cells in accs[s.name].items()},
-            "passive_runs": [c["acc"] for c in accs[s.name]["passive"]],
-            "adaptive_runs": [c["acc"] for c in accs[s.name][agg["adaptive"]]] if agg["adaptive"] else None,
+            "runs": {a: accs_ for a, accs_ in done.items() if accs_},
+            "passive_runs": done["passive"],
+            "adaptive_runs": done[agg["adaptive"]] if agg["adaptive"] else None,
             **costs[s.name],
             "timing": timing[s.name],
+            "fidelity": c.get("fidelity"),
             "trace_accuracy": c["traces"]["accuracy"],
             "trace_tokens": c["traces"]["completion_tokens"],
+            "student_minutes": {a: [round(x["train_s"] / 60, 2) for x in cells if x] for a, cells in accs[s.name].items()
+                                if any(cells)},
         })
+    curves = learning_curves(accs)
+    conv = convergence(cfg, curves)
+    missing = sum(accs[s.name][a][seed] is None for s, a, seed in table_cells(cfg, settings))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
     result = {
+        "partial": bool(missing),
+        "missing_cells": missing,
         "student_base_acc": base_acc,
         "command": cfg.command,
+        "convergence": conv,
         "rows": rows,
         "config": config,
         "wall_s": time.perf_counter() - t_start,
@@ -781,6 +976,11 @@ def run_table(cfg: TableConfig) -> dict:
     (cfg.out / "table1.json").write_text(json.dumps(table, indent=2))
     write_markdown(cfg.out / "table1.md", table)
     draw_attackers(cfg.out / "table1.png", main)
+    labels = {s.name: s.label for s in settings}
+    main_curves = {k: v for k, v in curves.items() if k in {r["teacher"] for r in main}}
+    (cfg.out / "learning_curve.json").write_text(json.dumps({"convergence": conv, "curves": curves}, indent=1))
+    if main_curves:
+        draw_learning_curves(cfg.out / "learning_curve.png", main_curves, labels, conv["plateau_epoch"])
     out = {"markdown": str(cfg.out / "table1.md"), "json": str(cfg.out / "table1.json"),
            "png": str(cfg.out / "table1.png"), **table}
     if cfg.sweep:
