@@ -49,6 +49,18 @@ def test_plateau_rule_waits_for_the_best_so_far_to_stop_rising():
     assert plateau_epoch(curve, window=6) == 11
 
 
+def test_convergence_is_judged_at_the_end_of_the_schedule_not_at_an_early_stall():
+    from distillgame.clients.attack.distill import converged_by
+
+    stall_then_climb = [0.12] * 20 + [0.15, 0.2, 0.25, 0.29]  # annealing unlocks a stalled run
+    assert plateau_epoch(stall_then_climb) == 4  # an early window fires...
+    assert not converged_by(stall_then_climb, window=10)  # ...the end-of-schedule check does not
+    flat_end = [0.1, 0.2, 0.3, 0.4, 0.42] + [0.415, 0.42, 0.41, 0.425, 0.42, 0.41, 0.415, 0.42, 0.42, 0.41]
+    assert converged_by(flat_end, window=10)  # +0.5 points over 0.42 in the last 10
+    assert not converged_by(flat_end, window=10, min_gain=0.005)
+    assert not converged_by([0.1, 0.2], window=10)  # too short to judge
+
+
 @pytest.mark.parametrize("n,batch,accum,epochs", [(10, 3, 2, 3), (25, 6, 4, 2.5), (24, 6, 4, 4), (7, 7, 1, 2)])
 def test_epoch_ends_name_the_step_that_takes_each_epochs_last_minibatch(n, batch, accum, epochs):
     order = minibatch_order(n, batch, epochs, seed=0)
@@ -148,7 +160,7 @@ def test_a_finished_cell_is_reused_only_for_the_same_student_recipe(tmp_path):
     assert load_cell(cfg, s, "passive", 1)["acc"] == 0.3
     assert load_cell(cfg, s, "passive", 0) is None  # another seed
     assert load_cell(cells_cfg(tmp_path, epochs=20), s, "passive", 1) is None  # another epoch count
-    assert load_cell(cells_cfg(tmp_path, epochs=30, lora=False), s, "passive", 1) is None  # another recipe
+    assert load_cell(cells_cfg(tmp_path, epochs=30, lora=True), s, "passive", 1) is None  # another recipe
 
 
 def test_learning_curves_average_the_seeds_and_the_plateau_is_read_off_the_mean(tmp_path):
@@ -163,9 +175,11 @@ def test_learning_curves_average_the_seeds_and_the_plateau_is_read_off_the_mean(
     curves = learning_curves(cells)
     assert curves["none"]["epochs"] == [1, 2, 3, 4, 5, 6] and len(curves["none"]["seeds"]) == 2
     assert curves["none"]["mean"] == pytest.approx([0.1, 0.25, 0.3, 0.305, 0.305, 0.305])
-    conv = convergence(cells_cfg(tmp_path, epochs=6), curves)
+    conv = convergence(cells_cfg(tmp_path, epochs=6, plateau_window=3), curves)
     # mean best-so-far: 0.25 at epoch 2 -> 0.305 at epoch 5 (+5.5 points), 0.3 at 3 -> 0.305 at 6 (+0.5)
     assert conv["plateau_epoch"] == {"none": 6, "poe-gamma0.65": None}
+    # the last 3 epochs (0.305) over the best before them (0.3): converged; PoE still climbs
+    assert conv["converged_by_setting"] == {"none": True, "poe-gamma0.65": False}
     assert conv["converged"] is True and "1 points over the last 3 epochs" in conv["rule"]
 
 

@@ -80,8 +80,9 @@ SWEEP_ATTACKERS = ("passive", "filter-correct")
 # sampling, then the adaptive protocols (the slowest students).
 PRIORITY = ("passive", "filter-correct", "adaptive-minibatch", "adaptive-released", "filter-degenerate",
             "adaptive-released-neg", "placebo")
-PLATEAU_RULE = ("the best validation accuracy so far (greedy, {n} {split} problems) gained less than "
-                "{gain:g} points over the last {window} epochs")
+PLATEAU_RULE = ("converged: the last {window} epochs raised the best validation accuracy (greedy, {n} {split} "
+                "problems) by less than {gain:g} points; plateau epoch: the first at which the best so far gained "
+                "less than {gain:g} points over the last {window} epochs")
 
 
 def parse_attackers(spec: str | list[str], placebo: bool = False) -> list[str]:
@@ -162,23 +163,26 @@ class TableConfig:
     max_tokens: int = 256
     temperature: float = 1.0
     concurrency: int = 16
-    # Distillation. The paper's values (DistillConfig's defaults: rank 128, lr 5e-4)
-    # suit a pretrained 3B student; the zoo's 192-wide student learned nothing
-    # measurable at lr 5e-4 in 20 steps (0% test accuracy) and needs a larger step.
-    # Passive students on 1000 undefended zoo traces (lr 5e-3, rank 64, 300 test
-    # problems; student base 0.2%): 4.2% after 3 epochs, 18.3% after 10 and
-    # 30.3% after 20, and lr 1e-2 diverged (0%). The zoo student needs 20 epochs
-    # to gain the >= 20 points that make leakage measurable.
-    rank: int = 64
-    lr: float = 5e-3
-    epochs: float = 20.0
-    lora: bool = True  # False: full fine-tuning (the student is small and trained from scratch)
+    # Distillation. The paper's recipe (DistillConfig's defaults: LoRA rank 128, lr
+    # 5e-4, 3 epochs) suits a pretrained 3B student, and stays the default of
+    # `attack distill`. The zoo's 192-wide student, trained from scratch, converges
+    # with full fine-tuning at lr 2e-3 in 40 epochs: on 1000 undefended zoo traces
+    # its greedy validation accuracy (200 holdout problems) came within a point of
+    # its best, 42.5%, at epoch 28 and gained nothing in the last 10 epochs, at 0.44
+    # CPU-s per step; LoRA rank 64 at lr 5e-3 (0.53 CPU-s per step) was still
+    # climbing at epoch 40 (29.5%, after 25 epochs near 12%).
+    rank: int = 64  # LoRA only
+    lr: float = 2e-3
+    epochs: float = 40.0
+    lora: bool = False  # full fine-tuning (the zoo's student is small and trained from scratch)
     # Convergence: every student's greedy accuracy after each epoch on val_acc_n
     # problems of the task's val_acc_split (0: off), and the plateau rule applied to
     # the undefended passive students' curves.
     val_acc_n: int = 200
     val_acc_split: str = "holdout"
-    plateau_window: int = 3
+    # Window 10, not 3: on the zoo's 200-problem curves a 3-epoch window fired at
+    # epoch 18 (full fine-tuning) and 9 (LoRA), each of which then gained 16+ points.
+    plateau_window: int = 10
     plateau_min_gain: float = 0.01
     sweep_seeds: int = 2
     # Without training: the table from the cells already finished (n < seeds where
@@ -845,13 +849,14 @@ def learning_curves(cells: dict[str, dict[str, list[dict | None]]], attacker: st
 def convergence(cfg: TableConfig, curves: dict[str, Any]) -> dict[str, Any]:
     """The epoch count, the plateau rule and where each setting's mean passive curve meets it;
     ``converged`` is whether the undefended passive students plateaued within the epochs trained."""
-    from .distill import plateau_epoch
+    from .distill import converged_by, plateau_epoch
 
     rule = PLATEAU_RULE.format(n=cfg.val_acc_n, split=cfg.val_acc_split, gain=100 * cfg.plateau_min_gain,
                                window=cfg.plateau_window)
     plateau = {name: plateau_epoch(c["mean"], cfg.plateau_window, cfg.plateau_min_gain) for name, c in curves.items()}
+    converged = {name: converged_by(c["mean"], cfg.plateau_window, cfg.plateau_min_gain) for name, c in curves.items()}
     return {"epochs": cfg.epochs, "rule": rule, "window": cfg.plateau_window, "min_gain": cfg.plateau_min_gain,
-            "plateau_epoch": plateau, "converged": plateau.get("none") is not None}
+            "plateau_epoch": plateau, "converged_by_setting": converged, "converged": converged.get("none", False)}
 
 
 def draw_learning_curves(path: Path, curves: dict[str, Any], labels: dict[str, str], plateau: dict[str, Any]) -> None:
