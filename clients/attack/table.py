@@ -964,7 +964,8 @@ def run_table(cfg: TableConfig) -> dict:
         })
     curves = learning_curves(accs)
     conv = convergence(cfg, curves)
-    missing = sum(accs[s.name][a][seed] is None for s, a, seed in table_cells(cfg, settings))
+    missing = sum(accs[s.name][a][seed] is None for s, a, seed in table_cells(cfg, settings)
+                  if not (a != "passive" and ATTACKERS[a].get("filters") and filters_drop_nothing(cfg, s, a)))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
     result = {
         "partial": bool(missing),
