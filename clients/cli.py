@@ -133,7 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time cost: interleaved rounds of the same training prompts per setting (default 3)")
     t.add_argument("--timing-prompts", type=int, default=None, help="time cost: prompts per setting and round (default 64)")
     t.add_argument("--sweep", action="store_true", help="also sweep gamma/lam and draw the frontier PNG")
-    t.add_argument("--full", action="store_true", help="full fine-tuning of the student instead of LoRA")
+    t.add_argument("--full", action="store_true", help="full fine-tuning of the student (the default)")
+    t.add_argument("--lora", action="store_true", help="LoRA (--rank) instead of full fine-tuning")
     t.add_argument("--val-acc-n", type=int, default=None,
                    help="per-epoch greedy validation accuracy on this many holdout problems (0: off; default 200)")
     t.add_argument("--sweep-seeds", type=int, default=None, help="seeds per frontier point beyond Table 1's (default 2)")

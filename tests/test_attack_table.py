@@ -55,7 +55,7 @@ def test_attack_table_smoke_writes_table1(tmp_path):
         models = ["--teacher", "default", "--proxy", "default", "--student", str(tiny_student(tmp_path / "student"))]
     cmd = [sys.executable, "-m", "distillgame.cli", "attack", "table", "--out", str(out), *models,
            "--settings", "none;poe:gamma=0.65", "--seeds", "1", "--n-train", "6", "--n-test", "6", "--n-val", "2",
-           "--max-tokens", "48", "--epochs", "1", "--rank", "4", "--batch-size", "3", "--grad-accum", "1",
+           "--max-tokens", "48", "--epochs", "1", "--lora", "--rank", "4", "--batch-size", "3", "--grad-accum", "1",
            "--max-length", "256", "--attackers", "passive,adaptive-released", "--n-val-traces", "4", "--val-acc-n", "4",
            "--timing-rounds", "2", "--timing-prompts", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)

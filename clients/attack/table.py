@@ -251,8 +251,10 @@ class TableConfig:
         data["sweep"] = bool(args.sweep or data.get("sweep", False))
         data["collect_only"] = bool(getattr(args, "collect_only", False) or data.get("collect_only", False))
         data["partial"] = bool(getattr(args, "partial", False) or data.get("partial", False))
-        if getattr(args, "full", False):
-            data["lora"] = False
+        if getattr(args, "full", False) and getattr(args, "lora", False):
+            raise ValueError("give --full or --lora, not both")
+        if getattr(args, "full", False) or getattr(args, "lora", False):
+            data["lora"] = bool(getattr(args, "lora", False))
         if getattr(args, "attackers", None):
             data["attackers"] = args.attackers
         data["placebo"] = bool(getattr(args, "placebo", False) or data.get("placebo", False))
