@@ -728,7 +728,9 @@ def distill(
         "train_s": wall - eval_s,
         "val_eval_s": eval_s,
         "learning_curve": curve,
-        "plateau_epoch": plateau_epoch([c["val_acc"] for c in curve]) if curve else None,
+        # The table's rule (a 10-epoch window; see table.TableConfig.plateau_window).
+        "plateau_epoch": plateau_epoch([c["val_acc"] for c in curve], window=10) if curve else None,
+        "converged": converged_by([c["val_acc"] for c in curve], window=10) if curve else None,
         "merged": merged_dir,
     }
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))

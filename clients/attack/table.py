@@ -589,12 +589,16 @@ def train_and_score(cfg: TableConfig, setting: Setting, attacker: str, seed: int
         distill(dcfg, d / "traces.jsonl", val_task=cfg.task, val_split="validation", val_n=cfg.n_val,
                 val_traces=val_traces_path(cfg) if released else None)
     summary = json.loads((run / "summary.json").read_text())
+    from .distill import converged_by, plateau_epoch
+
+    curve_accs = [c["val_acc"] for c in summary.get("learning_curve") or []]
     cell = {
         "acc": eval_student(str(run / "merged"), cfg, run / "eval"),
         "dropped": sum((summary.get("dropped") or {}).values()),
         "n_test": cfg.n_test,
         "learning_curve": summary.get("learning_curve") or [],
-        "plateau_epoch": summary.get("plateau_epoch"),
+        "plateau_epoch": plateau_epoch(curve_accs, cfg.plateau_window, cfg.plateau_min_gain),
+        "converged": converged_by(curve_accs, cfg.plateau_window, cfg.plateau_min_gain),
         "steps": summary["steps"],
         "train_s": summary.get("train_s", summary["wall_s"]),
         "val_eval_s": summary.get("val_eval_s", 0.0),
