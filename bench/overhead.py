@@ -16,9 +16,8 @@ round, and the physical limit of the ratio is ``1 + t_p/t_t`` for PoE
 proxies). ``(ratio - 1) / (t_p/t_t)`` is the normalized overhead (the paper's
 Table 1: 1.49 for PoE, 4.5 for ADS).
 
-Output length: the server has no ``ignore_eos``/``min_tokens`` field (its
-request models forbid unknown fields), so requests use the raw completions
-endpoint with a long narrative prompt, sampling at temperature 1 with a seed,
+Output length: requests use the raw completions endpoint (as before the
+server took vLLM's ``ignore_eos``, so that runs stay comparable) with a long narrative prompt, sampling at temperature 1 with a seed,
 and ``max_tokens``; outputs that end early are counted by their real length
 (every rate here is per generated token, from the usage the server reports).
 
@@ -422,7 +421,7 @@ def build_report(teacher: dict[int, dict[str, ModeStats]], proxy: dict[int, dict
     return {
         "benchmark": "overhead", "command": command, "config": asdict(cfg), "machine": machine_info(),
         "note": note, "output_length": "max_tokens with raw-completion narrative prompts, temperature 1, seeded "
-        "(the server exposes no ignore_eos); rates use the real generated token counts",
+        "(no ignore_eos, as in earlier runs); rates use the real generated token counts",
         "results": rows, "proxy_alone": proxy_rows,
     }
 

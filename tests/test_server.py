@@ -494,6 +494,9 @@ def test_metrics_expose_the_families_after_traffic(server, client, model):
     for _ in range(3):
         client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0.0)
     _client(server, "sk-test-open").completions.create(model=model, prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="hi", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    # Counters are per server process: these requests are all since the last restart.
     text = httpx.get(f"{server.base_url}/metrics").text
     assert metric_sum(text, "distillgame_requests_total", tier="standard", mode="poe", status="ok") >= 3
     assert metric_sum(text, "distillgame_requests_total", tier="open", mode="none", status="ok") >= 1
