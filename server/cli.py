@@ -161,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Policy", run_dir: Path) -> "ServerCommand":
     """vLLM's OpenAI server with ``config``'s engine and :class:`DefensePolicy` for ``policy``, as one command."""
-    from distillgame.server.gateway import BODY_TIMEOUT_ENV, MAX_BODY_MB_ENV
+    from distillgame.server.gateway import BODY_TIMEOUT_ENV, DRAIN_FILE_ENV, MAX_BODY_MB_ENV
     from distillgame.server.policy import POLICY_ENV
     from distillgame.server.supervisor import ServerCommand
 
@@ -189,8 +189,12 @@ def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Po
         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(int(math.ceil(args.keep_alive))),
         "TOKENIZERS_PARALLELISM": "false",
     })
+    drain_file = run_dir / "draining"
+    env[DRAIN_FILE_ENV] = str(drain_file)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    return ServerCommand(argv=argv, env=env, health_url=f"http://{host}:{args.port}/health")
+    return ServerCommand(argv=argv, env=env, health_url=f"http://{host}:{args.port}/health",
+                         drain_file=str(drain_file), metrics_url=f"http://{host}:{args.port}/metrics",
+                         drain_s=args.drain_timeout)
 
 
 def policy_document(policy: "Policy") -> dict:

@@ -70,6 +70,8 @@ MAX_N = 16  # choices per request
 
 # The middleware's body limits, read when vllm serve constructs it (it passes no arguments).
 MAX_BODY_MB_ENV = "DISTILLGAME_MAX_BODY_MB"
+# While this file exists, the server is draining: new generation requests get 503, in-flight ones finish.
+DRAIN_FILE_ENV = "DISTILLGAME_DRAIN_FILE"
 BODY_TIMEOUT_ENV = "DISTILLGAME_BODY_TIMEOUT_S"
 
 HEALTH = "/health"
@@ -195,6 +197,10 @@ class DefensePolicy:
                 await _send_json(send, 200, tier.public())
                 return
             if path in (CHAT, COMPLETIONS):
+                drain = os.environ.get(DRAIN_FILE_ENV)
+                if drain and os.path.exists(drain):
+                    raise GatewayError(503, "the server is shutting down; retry on another replica",
+                                       type="service_unavailable", code="draining", retry_after=1)
                 scope = {**scope, "distillgame": (tier, ident)}
                 await self._generation(scope, receive, send)
                 return

@@ -10,8 +10,10 @@ closed, so callers get a refused connection, never an answer. A server that
 exits before it was ever ready (a bad flag, a model that does not load) is not
 restarted: the supervisor exits with its code.
 
-SIGTERM and SIGINT are passed on to the server, which drains in-flight
-requests for ``--shutdown-timeout`` seconds; a drained stop exits 0.
+SIGTERM and SIGINT drain first: the middleware refuses new generation
+requests (503, ``code: draining``) while those in flight finish, for up to the
+drain time; then the server gets the signal (and vLLM's own
+``--shutdown-timeout``). A drained stop exits 0.
 
 Not for: HTTP or the policy (vLLM's app and :mod:`distillgame.server.gateway`).
 """
@@ -40,6 +42,11 @@ class ServerCommand:
     health_url: str
     restart_delay_s: float = 1.0
     poll_s: float = 1.0
+    # Drain on SIGTERM: touch drain_file (the middleware then refuses new generation requests), wait until
+    # in_flight_url's distillgame_http_requests_in_flight is 0 or drain_s passed, then stop the server.
+    drain_file: str | None = None
+    metrics_url: str | None = None
+    drain_s: float = 0.0
 
 
 @dataclass
@@ -60,11 +67,36 @@ class ServerSupervisor:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Ask the running server to drain and exit; no restart follows."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        threading.Thread(target=self._drain_then_signal, args=(sig,), daemon=True).start()
+
+    def _drain_then_signal(self, sig: int) -> None:
         with self._lock:
             run = self._run
-        if run is not None and run.proc.poll() is None:
+        if run is None or run.proc.poll() is not None:
+            return
+        if self.command.drain_file and run.ready.is_set():
+            open(self.command.drain_file, "w").close()
+            deadline = time.monotonic() + self.command.drain_s
+            while time.monotonic() < deadline and run.proc.poll() is None and self._in_flight() != 0:
+                time.sleep(0.25)
+        if run.proc.poll() is None:
             run.proc.send_signal(sig)
+
+    def _in_flight(self) -> float | None:
+        """The middleware's open generation requests, from /metrics (None if unreadable)."""
+        if not self.command.metrics_url:
+            return None
+        try:
+            with urllib.request.urlopen(self.command.metrics_url, timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("distillgame_http_requests_in_flight "):
+                        return float(line.rsplit(" ", 1)[1])
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return None
 
     def run(self) -> int:
         """Serve until stopped (0) or until a server that never became ready exits (its code)."""

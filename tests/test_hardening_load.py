@@ -176,7 +176,8 @@ def test_sigterm_during_load_finishes_or_refuses_cleanly(server):
     print("\nsigterm:", json.dumps(report.summary(), sort_keys=True))
     assert code == 0, server.log_tail()
     assert not report.malformed, report.malformed[:5]
-    assert not any(code.startswith("5") for code in report.status_codes), report.status_codes
+    # Draining: new requests get 503 (code "draining", Retry-After) or no connection; nothing else fails.
+    assert not any(code.startswith("5") and code != "503" for code in report.status_codes), report.status_codes
     # In-flight requests finished; later ones were refused before reaching the app, never cut short.
     assert report.outcomes.get("ok", 0) >= 16, report.outcomes
-    assert all(k == "ok" or k.startswith("transport:") for k in report.outcomes), report.outcomes
+    assert all(k in ("ok", "5xx") or k.startswith("transport:") for k in report.outcomes), report.outcomes
