@@ -381,14 +381,21 @@ tier = "load"
 def _start_server(workdir: Path, port: int, key: str) -> subprocess.Popen:
     import hashlib
 
+    return start_server(workdir, port, _POLICY % hashlib.sha256(key.encode()).hexdigest(),
+                        ["--max-model-len", "1024", "--max-num-seqs", "32", "--memory-share", "0.1",
+                         "--kv-cache-gib", "0.5"])
+
+
+def start_server(workdir: Path, port: int, policy_text: str, args: list[str],
+                 timeout_s: float = 900.0) -> subprocess.Popen:
+    """``distillgame serve`` with ``policy_text`` on ``port`` (embedded models), once ``/health`` is 200."""
     policy = workdir / "policy.toml"
-    policy.write_text(_POLICY % hashlib.sha256(key.encode()).hexdigest())
-    cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(port),
-           "--max-model-len", "1024", "--max-num-seqs", "32", "--memory-share", "0.1", "--kv-cache-gib", "0.5"]
+    policy.write_text(policy_text)
+    cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(port), *args]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     log = open(workdir / "serve.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {workdir / 'serve.log'}")

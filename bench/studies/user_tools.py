@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +84,9 @@ metric_list:
 
 
 def start_server(work: Path, port: int) -> subprocess.Popen:
-    policy = work / "policy.toml"
-    policy.write_text(POLICY)
-    cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(port),
-           "--max-num-seqs", "32", "--memory-share", "0.1", "--kv-cache-gib", "0.5"]
-    log = open(work / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {work / 'serve.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    proc.terminate()
-    raise TimeoutError("server not ready")
+    from distillgame.bench.load import start_server as start
+
+    return start(work, port, POLICY, ["--max-num-seqs", "32", "--memory-share", "0.1", "--kv-cache-gib", "0.5"])
 
 
 def vllm_bench(port: int, tier: str, endpoint: str, concurrency: int, prompts: int, tokenizer: str,
