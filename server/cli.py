@@ -44,6 +44,20 @@ MAX_MODEL_LEN_CAP = 2048
 # (nginx 75 s, cloud load balancers 60 s in front of it).
 KEEP_ALIVE_S = 75.0
 
+# vLLM answers a request with `tools` and a named, "required" or "auto" tool
+# choice only when a tool-call parser is configured (a 400 otherwise). The
+# pythonic format needs no special tokens, so any teacher can be asked for it;
+# a teacher whose template has its own format wants that format's parser.
+DEFAULT_TOOL_PARSER = "pythonic"
+# JSON without free whitespace for `response_format`, tools and
+# `structured_outputs`: a grammar that allows any whitespace lets a small model
+# spend its whole `max_tokens` on newlines (greedy SmolLM2-135M under PoE does).
+# vLLM allows that switch only with a named backend: xgrammar, the one "auto"
+# picks first and the only one that compiles the structural tags vLLM's tool
+# parsers send for named and "required" tool choices.
+# `-- --structured-outputs-config '{...}'` replaces it.
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+
 
 def model_positions(model: str) -> int | None:
     """``max_position_embeddings`` of a model folder or hub id (None if its config does not say)."""
@@ -105,9 +119,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive", type=float, default=KEEP_ALIVE_S,
                    help="seconds an idle keep-alive connection stays open; keep it above the idle "
                         "timeout of every client and proxy in front of the server")
+    p.add_argument("--tool-call-parser", default=DEFAULT_TOOL_PARSER,
+                   help="vLLM's tool-call parser for `tools` requests (vLLM answers named, required and auto "
+                        "tool choices only with one): the one your teacher's chat template writes (hermes, "
+                        f"llama3_json, ...); default {DEFAULT_TOOL_PARSER} (calls as a Python list, which a "
+                        "template without a tool format can still be asked for); none: tools off")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_FLAGS",
-                   help="after --: more flags for vLLM's OpenAI server, e.g. -- --enable-auto-tool-choice "
-                        "--tool-call-parser hermes (the defense's own engine flags are set for you)")
+                   help="after --: more flags for vLLM's OpenAI server, e.g. -- --reasoning-parser deepseek_r1 "
+                        "(the defense's own engine flags are set for you)")
     p.set_defaults(func=serve)
 
 
@@ -179,8 +198,12 @@ def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Po
         "--middleware", "distillgame.server.gateway.DefensePolicy",
         "--shutdown-timeout", str(int(math.ceil(args.drain_timeout))),
         "--disable-uvicorn-access-log",
-        *[a for i, a in enumerate(args.vllm_args or []) if not (i == 0 and a == "--")],
+        *tool_flags(args.tool_call_parser),
     ]
+    passthrough = [a for i, a in enumerate(args.vllm_args or []) if not (i == 0 and a == "--")]
+    if not any(a.startswith("--structured-outputs-config") for a in passthrough):
+        argv += ["--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]
+    argv += passthrough
     env = dict(os.environ)
     env.update({
         POLICY_ENV: str(policy_file),
@@ -195,6 +218,13 @@ def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Po
     return ServerCommand(argv=argv, env=env, health_url=f"http://{host}:{args.port}/health",
                          drain_file=str(drain_file), metrics_url=f"http://{host}:{args.port}/metrics",
                          drain_s=args.drain_timeout)
+
+
+def tool_flags(parser: str | None) -> list[str]:
+    """vLLM's flags for tool calling with ``parser`` (none for ``none``)."""
+    if not parser or parser == "none":
+        return []
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser]
 
 
 def policy_document(policy: "Policy") -> dict:

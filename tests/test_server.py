@@ -282,6 +282,66 @@ def test_logprobs_are_the_defended_distribution(server, reference, tokenizer):
     assert max(abs(v - teacher[t].item()) for t, v in open_tops[0].items()) < 1e-4
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima", "Oslo"]},
+                                        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+        "required": ["city", "population"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima", "Oslo"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def _grammar_offsets(reference, prompt, choice, defense, positions=6):
+    """Per released position, the spread and the floor of released-minus-``defense`` logprobs over unmasked tokens.
+
+    Under a grammar the released distribution is ``defense``'s renormalized over
+    the allowed tokens: every unmasked logprob sits one constant above the
+    reference's, so the spread is ~0 and the offset >= 0.
+    """
+    entries = choice.logprobs.content
+    ids = [int(e.token.split(":", 1)[1]) for e in entries]
+    out = []
+    for pos, e in enumerate(entries[:positions]):
+        top = {int(t.token.split(":", 1)[1]): t.logprob for t in e.top_logprobs}
+        expected = reference.next_token_logprobs(prompt + ids[:pos], defense)
+        diffs = [v - expected[t].item() for t, v in top.items() if v > -9999.0]
+        out.append((max(diffs) - min(diffs), min(diffs), len(diffs)))
+    return out
+
+
+def test_json_schema_and_tool_calls_are_answered_valid_and_defended(server, reference, tokenizer):
+    """vLLM's structured outputs and tool calls on the default path, under the standard tier's PoE."""
+    import json
+
+    import jsonschema
+
+    client = _client(server)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name a big city and its population as JSON."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    r = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=60, temperature=0.0, logprobs=True, top_logprobs=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
+        extra_body={"return_tokens_as_token_ids": True})
+    jsonschema.validate(json.loads(r.choices[0].message.content), CITY)
+    poe = _grammar_offsets(reference, prompt, r.choices[0], {"mode": "poe", "gamma": GAMMA})
+    teacher = _grammar_offsets(reference, prompt, r.choices[0], {"mode": "none"})
+    # Positions where the grammar leaves a choice: the PoE mix renormalized, not the teacher's.
+    free = [i for i, (_, _, n) in enumerate(poe) if n >= 2]
+    assert free, poe
+    assert all(poe[i][0] < 2e-4 and poe[i][1] > -1e-4 for i in free), poe
+    assert max(teacher[i][0] for i in free) > 1e-2, teacher
+
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=120,
+            temperature=0.0, tools=[WEATHER], tool_choice=choice, parallel_tool_calls=False)
+        calls = r.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "get_weather", r.choices[0].message
+        jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+
+
 def test_ads_tier_logprobs_are_the_ads_distribution(server, reference, tokenizer):
     prompt = tokenizer("Natalia sold clips to her friends", add_special_tokens=False)["input_ids"]
     ads_client = _client(server, "sk-test-ads")
