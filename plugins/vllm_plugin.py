@@ -23,7 +23,7 @@ engine. What is set for the caller (:func:`apply_defense_arguments`):
 | ``$VLLM_USE_V2_MODEL_RUNNER`` | ``0`` where unset | the processor implements the V1 runner's interface |
 
 What is refused (:class:`DefenseConfigError`, raised before any model loads):
-``--async-scheduling``, ``VLLM_USE_V2_MODEL_RUNNER=1``, another
+``--async-scheduling``, ``--pipeline-parallel-size`` above 1, ``VLLM_USE_V2_MODEL_RUNNER=1``, another
 ``--worker-extension-cls``, ``--enable-prompt-embeds``, and any speculative
 decoding (vLLM builds no custom logits processor under it: the defense would
 silently not run), including a speculator model that vLLM detects by itself.
@@ -115,6 +115,12 @@ def apply_defense_arguments(args: Any, section: dict[str, Any]) -> None:
         raise DefenseConfigError("the defense does not run with speculative decoding (vLLM then builds no custom "
                                  "logits processor, so requests would be served undefended): remove "
                                  "--speculative-config (speculative_config=...)")
+    if int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
+        raise DefenseConfigError(
+            "the defense does not run under pipeline parallelism: the mix needs the teacher's logits and the "
+            "proxy's on one stage (the last, which alone holds the logits), and the defended model class does not "
+            "implement vLLM's SupportsPP, so no stage could mix: remove --pipeline-parallel-size "
+            "(pipeline_parallel_size) and shard with --tensor-parallel-size")
     if getattr(args, "enable_prompt_embeds", False):
         raise DefenseConfigError("the defense needs token ids: remove --enable-prompt-embeds")
     if os.environ.get(V2_RUNNER_ENV, "0") not in ("0", ""):

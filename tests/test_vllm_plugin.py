@@ -55,6 +55,7 @@ def test_an_engine_without_the_section_is_left_as_vllm_builds_it(tiny_pair):
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}},
      "--speculative-config"),
     ({"async_scheduling": True}, "--async-scheduling"),
+    ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
     ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
     ({"worker_extension_cls": "some.other.Extension"}, "--worker-extension-cls"),
 ])
