@@ -660,9 +660,17 @@ class DefenseWorkerExtension:
         return [report for report in (p.sync_audit() for p in live) if report is not None]
 
     def distillgame_fidelity(self) -> dict[str, dict[str, float | int]]:
+        """This worker's fidelity counters; zeros on tensor-parallel ranks other than 0.
+
+        Every rank of a tensor-parallel group runs the processor on the same
+        gathered logits and releases the same tokens, so only rank 0 reports:
+        a sum over ``collective_rpc``'s answers counts each released token once.
+        """
         total: dict[str, dict[str, float | int]] = {
             m: {"tokens": 0, "kl_sum": 0.0, "argmax_agree": 0} for m in MODES if m != "none"
         }
+        if _tensor_parallel_rank() != 0:
+            return total
         with _LIVE_LOCK:
             live = [p for p in _LIVE if p.active]
         for proc in live:
@@ -670,3 +678,13 @@ class DefenseWorkerExtension:
                 for key, value in stats.items():
                     total[mode][key] += value
         return total
+
+
+def _tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (0 where there is none)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, RuntimeError, ImportError):
+        return 0
