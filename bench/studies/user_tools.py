@@ -8,8 +8,9 @@ default PoE tier (gamma 0.29) and one on a ``none`` tier, and runs
   start): random dataset, streaming, completions and chat, at each concurrency,
   for each key, the two keys back to back in alternating order;
 - EleutherAI's lm-evaluation-harness (``lm_eval --model local-completions``,
-  from its own virtual environment: ``pip install "lm-eval[api]"``) on a local
-  task file of GSM-Symbolic problems, with the PoE key.
+  from its own virtual environment: ``pip install "lm-eval[api]" transformers``, the
+  latter for its tokenizer) on a local
+  task file of GSM-Symbolic problems, with each key.
 
 Writes ``user_tools.json`` and ``user_tools.md`` (the benchmark's numbers for
 both tiers side by side, failed requests, and lm-eval's score)::
@@ -74,7 +75,8 @@ filter_list:
   - name: last-number
     filter:
       - function: regex
-        regex_pattern: "#### (-?[0-9.,]+)"
+        regex_pattern: '(-?[0-9]+(?:\\.[0-9]+)?)'
+        group_select: -1
       - function: take_first
 metric_list:
   - metric: exact_match
@@ -112,8 +114,10 @@ def vllm_bench(port: int, tier: str, endpoint: str, concurrency: int, prompts: i
     return {k: result.get(k) for k in SHOWN} | {"first_errors": errors[:3]}
 
 
-def lm_eval(lm_eval_bin: str, port: int, model: str, tokenizer: str, work: Path, n: int) -> dict[str, Any]:
-    """lm-evaluation-harness's local-completions on a local GSM-Symbolic task, with the PoE key."""
+def lm_eval(lm_eval_bin: str, port: int, model: str, tokenizer: str, work: Path, n: int,
+            tier: str) -> dict[str, Any]:
+    """lm-evaluation-harness's local-completions on a local GSM-Symbolic task (the last number of the
+    answer against the reference), with ``tier``'s key."""
     from distillgame.tasks import build_prompt, load_problems
 
     task_dir = work / "lm_eval_task"
@@ -124,15 +128,15 @@ def lm_eval(lm_eval_bin: str, port: int, model: str, tokenizer: str, work: Path,
             f.write(json.dumps({"prompt": build_prompt(p, "gsm-symbolic-easy"), "answer": str(p.answer)}) + "\n")
     (task_dir / "task.yaml").write_text(TASK_YAML.format(data=data))
     args = [lm_eval_bin, "--model", "local-completions", "--tasks", "gsm_symbolic_easy_local",
-            "--include_path", str(task_dir), "--output_path", str(work / "lm_eval_out"),
+            "--include_path", str(task_dir), "--output_path", str(work / f"lm_eval_out_{tier}"),
             "--model_args", f"model={model},base_url=http://127.0.0.1:{port}/v1/completions,"
                             f"tokenizer={tokenizer},num_concurrent=8,max_retries=1,tokenized_requests=False"]
     t0 = time.perf_counter()
-    run = subprocess.run(args, env=dict(os.environ, OPENAI_API_KEY=KEYS["poe"]), capture_output=True, text=True,
+    run = subprocess.run(args, env=dict(os.environ, OPENAI_API_KEY=KEYS[tier]), capture_output=True, text=True,
                          timeout=3600)
-    out = {"returncode": run.returncode, "wall_s": round(time.perf_counter() - t0, 1), "n": n,
+    out = {"tier": tier, "returncode": run.returncode, "wall_s": round(time.perf_counter() - t0, 1), "n": n,
            "command": " ".join(args[:1] + ["..."] + args[1:])}
-    results = sorted((work / "lm_eval_out").rglob("results_*.json"))
+    results = sorted((work / f"lm_eval_out_{tier}").rglob("results_*.json"))
     if run.returncode == 0 and results:
         task = json.loads(results[-1].read_text())["results"]["gsm_symbolic_easy_local"]
         out["exact_match"] = {k: v for k, v in task.items() if k.startswith("exact_match")}
@@ -173,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                         out["runs"].append({"endpoint": endpoint, "tier": tier, "concurrency": concurrency,
                                             **result})
             if args.lm_eval:
-                logger.info("lm-eval local-completions on %d problems", args.lm_eval_n)
-                out["lm_eval"] = lm_eval(args.lm_eval, args.port, model, teacher, work, args.lm_eval_n)
+                out["lm_eval"] = []
+                for tier in ("none", "poe"):
+                    logger.info("lm-eval local-completions on %d problems, %s tier", args.lm_eval_n, tier)
+                    out["lm_eval"].append(lm_eval(args.lm_eval, args.port, model, teacher, work, args.lm_eval_n,
+                                                  tier))
         finally:
             server.terminate()
             server.wait(timeout=120)
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "user_tools.json").write_text(json.dumps(out, indent=2))
     (args.out / "user_tools.md").write_text(render(out))
     sys.stdout.write(render(out))
-    return 0 if all(r["failed"] == 0 for r in out["runs"]) else 1
+    ok = all(r["failed"] == 0 for r in out["runs"]) and all(e["returncode"] == 0 for e in out.get("lm_eval", []))
+    return 0 if ok else 1
 
 
 def render(out: dict[str, Any]) -> str:
@@ -192,10 +200,10 @@ def render(out: dict[str, Any]) -> str:
     for r in out["runs"]:
         lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['tier']} | {r['completed']} | {r['failed']} | "
                      f"{r['output_throughput']:.1f} | {r['mean_ttft_ms']:.0f} | {r['mean_tpot_ms']:.1f} |")
-    if "lm_eval" in out:
-        e = out["lm_eval"]
-        lines += ["", f"lm-eval (`local-completions`, PoE tier, {e['n']} GSM-Symbolic problems): exit code "
-                      f"{e['returncode']}, {e['wall_s']} s, exact match {e.get('exact_match')}"]
+    for e in out.get("lm_eval", []):
+        lines += ["", f"lm-eval (`local-completions`, {e['tier']} tier, {e['n']} GSM-Symbolic problems, greedy, the "
+                      f"answer's last number): exit code {e['returncode']}, {e['wall_s']} s, exact match "
+                      f"{e.get('exact_match')}"]
     lines += ["", f"Command: `{out['command']}`", ""]
     return "\n".join(lines)
 
