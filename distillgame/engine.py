@@ -11,9 +11,11 @@ Not for: serving or HTTP (see ``distillgame.server``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +66,10 @@ class EngineConfig:
     # its policy). auto then keeps the proxy beside the engine, where only ADS
     # uses it, rather than running its layers on every scheduled token.
     poe_served: bool = True
+    # vLLM's tensor parallelism: the teacher's layers (and, on the vllm runner, the
+    # proxy's) sharded over this many workers. On CPUs each worker gets its own
+    # cores (see environment()).
+    tensor_parallel_size: int = 1
     # Any other vLLM engine argument, applied last (e.g. enable_chunked_prefill).
     # Settings the defense does not run under (speculative_config,
     # async_scheduling=True, enable_prompt_embeds) make the engine refuse to start.
@@ -106,6 +112,8 @@ class EngineConfig:
         )
         if overrides:
             kwargs["hf_overrides"] = overrides
+        if self.tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = self.tensor_parallel_size
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
         if self.kv_cache_bytes is not None:
@@ -121,6 +129,23 @@ class EngineConfig:
             kwargs["enable_chunked_prefill"] = False
         kwargs.update(self.engine_overrides)
         return kwargs
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables the engine needs from its launcher (set them before it starts).
+
+        vLLM's CPU backend binds each worker's threads to one NUMA node by
+        default and refuses to start more workers than the machine has nodes
+        ("Not enough allowed NUMA nodes to bind threads of 2 local
+        CPUWorkers"). Where tensor parallelism asks for more, the allowed
+        cores are split among the workers (``VLLM_CPU_OMP_THREADS_BIND``),
+        unless the caller set a binding of its own.
+        """
+        world = int(self.engine_overrides.get("tensor_parallel_size", self.tensor_parallel_size))
+        if world <= 1 or os.environ.get(CPU_BIND_ENV, "auto") != "auto" or not _on_cpu():
+            return {}
+        if _numa_nodes() >= world:
+            return {}
+        return {CPU_BIND_ENV: cpu_thread_binding(world, sorted(os.sched_getaffinity(0)))}
 
     def server_args(self) -> list[str]:
         """:meth:`engine_kwargs` as the command-line flags of vLLM's OpenAI server (``vllm serve``)."""
@@ -184,6 +209,44 @@ def _server_options() -> set[str]:
     return {flag for action in make_arg_parser(FlexibleArgumentParser())._actions for flag in action.option_strings}
 
 
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def cpu_thread_binding(workers: int, cpus: list[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``workers`` its own contiguous share of ``cpus``.
+
+    ``cpu_thread_binding(2, [0, 1, 2, 3]) == "0,1|2,3"``; with fewer cores
+    than workers, workers share cores round-robin (slow, but it runs).
+    """
+    if workers < 1 or not cpus:
+        raise ValueError("need at least one worker and one cpu")
+    per = max(1, len(cpus) // workers)
+    groups = [cpus[i * per:(i + 1) * per] or [cpus[i % len(cpus)]] for i in range(workers)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` inside the block, the previous values after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _numa_nodes() -> int:
+    """NUMA nodes this machine reports (1 where it reports none)."""
+    import glob
+
+    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -201,7 +264,8 @@ def build_llm(config: EngineConfig):
 
     from distillgame.plugins.processor import status_rpc
 
-    llm = LLM(**config.engine_kwargs())
+    with _environment(config.environment()):  # read while the engine spawns its workers
+        llm = LLM(**config.engine_kwargs())
     try:
         verify_defense_live(llm.collective_rpc(status_rpc))
     except DefenseNotLive:

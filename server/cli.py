@@ -100,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"longest prompt + completion in tokens (default: the positions both teacher and proxy "
                         f"support, at most {MAX_MODEL_LEN_CAP})")
     p.add_argument("--max-num-seqs", type=int, default=32, help="max concurrent sequences in the engine")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM's tensor parallelism: workers the teacher (and a proxy on vLLM's layers) is "
+                        "sharded over; on CPUs each gets its own cores (VLLM_CPU_OMP_THREADS_BIND is set "
+                        "for you unless you set it)")
     p.add_argument("--dtype", default="auto", help="teacher dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--memory-share", type=float, default=0.3,
                    help="share of device (CPU: host) memory the engine may reserve")
@@ -144,6 +148,7 @@ def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
         teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file, proxy_runner=args.proxy_runner,
+        tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
         extra_defense={"ads_method": args.ads_method,
@@ -211,6 +216,7 @@ def server_command(args: argparse.Namespace, config: "EngineConfig", policy: "Po
         BODY_TIMEOUT_ENV: str(args.body_timeout),
         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(int(math.ceil(args.keep_alive))),
         "TOKENIZERS_PARALLELISM": "false",
+        **config.environment(),
     })
     drain_file = run_dir / "draining"
     env[DRAIN_FILE_ENV] = str(drain_file)

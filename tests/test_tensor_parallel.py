@@ -1,15 +1,20 @@
-"""PoE under vLLM's tensor parallelism (TP = 2), on both proxy runners, against the float64 oracle.
+"""The defense under vLLM's tensor parallelism (TP = 2), on both proxy runners, against the float64 oracle.
 
 vLLM's CPU backend runs TP = 2 here: two workers, one core each, gloo between
 them. On a machine with one NUMA node it needs ``VLLM_CPU_OMP_THREADS_BIND``
 (``0|1``: one core per worker); without it the engine core dies at start
-("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers").
+("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"), so
+``EngineConfig`` sets it for the engine it builds, and ``distillgame serve``
+for the server it starts, unless the caller set one.
 
 The pair has 4 query and 2 KV heads, so each rank holds half of every
-attention layer, the teacher's and (on the vllm runner) the proxy's. Checked:
-every released token's logprob is the oracle's within 1e-4 on staggered
-arrivals; both ranks report a live processor; the fidelity counters, summed
-over the workers as the server sums them, count each released token once.
+attention layer, the teacher's and (on the vllm runner) the proxy's. One
+engine per PoE runner, each with one ADS method (jvp, fd). Checked: every
+released token's logprob (none, PoE, ADS rows mixed, staggered arrivals) is the
+oracle's within 1e-4, with a KV cache small enough that the scheduler
+preempts and replays rows; both ranks report a live processor; the fidelity
+counters, summed over the workers as the server sums them, count each released
+token once.
 
 Not for: pipeline parallelism, which the plugin refuses (``test_vllm_plugin.py``).
 """
@@ -20,10 +25,11 @@ import os
 import random
 
 import pytest
+from safetensors.torch import load_file
 
-from distillgame.engine import EngineConfig, build_llm
+from distillgame.engine import CPU_BIND_ENV, EngineConfig, _numa_nodes, build_llm, cpu_thread_binding
 from distillgame.plugins.reference import ReferenceModels
-from engine_helpers import Job, run_staggered, shutdown, worst_error
+from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
 from tiny_models import make_llama, make_tokenizer
 
 TOL = 1e-4
@@ -40,48 +46,105 @@ def split_pair(tmp_path_factory):
     return teacher, proxy
 
 
-@pytest.fixture(scope="module", params=["vllm", "transformers"])
-def tp_llm(request, split_pair):
+@pytest.fixture(scope="module")
+def split_grad(split_pair, tiny_traces, tmp_path_factory):
+    """The split proxy's ADS gradient, made by the real CLI."""
+    from distillgame.cli import main
+
+    path = tmp_path_factory.mktemp("tp-grad") / "proxy.safetensors"
+    assert main(["ads-grad", "--proxy", str(split_pair[1]), "--traces", str(tiny_traces), "--out", str(path)]) == 0
+    return path
+
+
+# PoE's proxy on each runner; ADS's proxy side in each method (forward mode, finite differences).
+ENGINES = [("vllm", "jvp"), ("transformers", "fd")]
+
+
+@pytest.fixture(scope="module", params=ENGINES, ids=[f"{r}-{m}" for r, m in ENGINES])
+def tp_llm(request, split_pair, split_grad):
+    """A TP = 2 engine built as any launcher builds it: the thread binding is ``EngineConfig``'s to set."""
     teacher, proxy = split_pair
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(TP))
-    try:
-        llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(proxy), dtype="float32", max_model_len=256,
-                                     max_num_seqs=8, memory_share=0.08, proxy_runner=request.param,
-                                     engine_overrides={"tensor_parallel_size": TP}))
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
-    yield request.param, llm
+    runner, method = request.param
+    assert os.environ.get(CPU_BIND_ENV, "auto") == "auto"
+    llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(proxy), ads_grad=str(split_grad), dtype="float32",
+                                 max_model_len=128, max_num_seqs=8, memory_share=0.08, proxy_runner=runner,
+                                 extra_defense={"ads_method": method}, tensor_parallel_size=TP,
+                                 # 8 blocks of 32 tokens for 8 rows of up to 70: the scheduler preempts.
+                                 num_gpu_blocks_override=8, engine_overrides={"block_size": 32},
+                                 disable_log_stats=False))
+    assert os.environ.get(CPU_BIND_ENV, "auto") == "auto"  # set for the engine's workers only
+    yield runner, method, llm
     shutdown(llm)
+
+
+def test_each_worker_gets_its_own_cores():
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    assert cpu_thread_binding(4, [6, 7]) == "6|7|6|7"
+    with pytest.raises(ValueError):
+        cpu_thread_binding(2, [])
+
+
+def test_the_launchers_set_the_binding_unless_the_caller_did(split_pair, monkeypatch, tmp_path):
+    """``distillgame serve --tensor-parallel-size 2`` hands vLLM's server the flag and, on one NUMA node, the binding."""
+    import argparse
+
+    from distillgame.server import cli
+    from distillgame.server.policy import default_policy
+
+    if _numa_nodes() >= TP:
+        pytest.skip("vLLM's own per-node binding applies on this machine")
+    monkeypatch.delenv(CPU_BIND_ENV, raising=False)
+    teacher, proxy = split_pair
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--teacher", str(teacher), "--proxy", str(proxy), "--tensor-parallel-size",
+                              str(TP)])
+    policy = default_policy(0.5)
+    command = cli.server_command(args, cli.engine_config(args, policy), policy, tmp_path)
+    assert command.argv[command.argv.index("--tensor-parallel-size") + 1] == str(TP)
+    assert command.env[CPU_BIND_ENV].count("|") == TP - 1
+    monkeypatch.setenv(CPU_BIND_ENV, "0|0")
+    command = cli.server_command(args, cli.engine_config(args, policy), policy, tmp_path)
+    assert command.env[CPU_BIND_ENV] == "0|0"
+    args = parser.parse_args(["serve", "--teacher", str(teacher), "--proxy", str(proxy)])
+    monkeypatch.delenv(CPU_BIND_ENV)
+    command = cli.server_command(args, cli.engine_config(args, policy), policy, tmp_path)
+    assert "--tensor-parallel-size" not in command.argv and CPU_BIND_ENV not in command.env
 
 
 def _jobs(vocab: int) -> list[Job]:
     rng = random.Random(7)
-    defenses = [{"mode": "poe", "gamma": 0.65}, {"mode": "none"}, {"mode": "poe", "gamma": 0.3}]
-    return [Job(prompt=[rng.randrange(4, vocab) for _ in range(rng.randint(3, 30))], defense=defenses[i % 3],
-                max_tokens=rng.randint(6, 16), temperature=0.8 if i % 2 else 0.0, seed=500 + i if i % 2 else None,
+    defenses = [{"mode": "poe", "gamma": 0.65}, {"mode": "none"}, {"mode": "ads", "lam": 0.1, "eps": 1e-2},
+                {"mode": "poe", "gamma": 0.3}]
+    return [Job(prompt=[rng.randrange(4, vocab) for _ in range(rng.randint(3, 30))], defense=defenses[i % 4],
+                max_tokens=rng.randint(24, 40), temperature=0.8 if i % 2 else 0.0, seed=500 + i if i % 2 else None,
                 arrive_at_step=rng.choice([0, 0, 3, 6]))
-            for i in range(6)]
+            for i in range(8)]
 
 
-def test_poe_under_tensor_parallelism_holds_the_oracle_and_counts_tokens_once(tp_llm, split_pair):
-    runner, llm = tp_llm
+def test_the_defense_under_tensor_parallelism_holds_the_oracle_and_counts_tokens_once(tp_llm, split_pair,
+                                                                                      split_grad):
+    runner, method, llm = tp_llm
     statuses = llm.collective_rpc("distillgame_status")
     assert len(statuses) == TP and all(s["configured"] and s["live"] >= 1 for s in statuses), statuses
     paged = "DistillgameDefendedForCausalLM" in llm.llm_engine.vllm_config.model_config.hf_config.architectures
     assert paged == (runner == "vllm")
 
-    def poe_tokens() -> int:
-        return sum(worker["poe"]["tokens"] for worker in llm.collective_rpc("distillgame_fidelity"))
+    def tokens(mode: str) -> int:
+        return sum(worker[mode]["tokens"] for worker in llm.collective_rpc("distillgame_fidelity"))
 
-    before = poe_tokens()
+    before = {m: tokens(m) for m in ("poe", "ads")}
+    preempted = num_preemptions(llm)
     jobs = _jobs(vocab=380)
     run_staggered(llm, jobs)
-    released = sum(j.max_tokens for j in jobs if j.defense["mode"] == "poe")
-    assert poe_tokens() - before == released
-    err = worst_error(ReferenceModels(*split_pair), jobs)
-    print(f"TP={TP}, {runner} runner: worst |engine - oracle| logprob {err:.2e}")
-    assert err < TOL
+    assert num_preemptions(llm) > preempted, "8 blocks of 32 for 8 rows of 27-70 tokens must preempt"
+    for mode in ("poe", "ads"):
+        assert tokens(mode) - before[mode] == sum(j.max_tokens for j in jobs if j.defense["mode"] == mode), mode
+    ref = ReferenceModels(*split_pair, ads_grad=load_file(str(split_grad)))
+    for mode in ("none", "poe", "ads"):
+        err = worst_error(ref, [j for j in jobs if j.defense["mode"] == mode])
+        print(f"TP={TP}, {runner} runner, ADS {method}: {mode} worst |engine - oracle| logprob {err:.2e}")
+        assert err < TOL, (mode, err)
+    # The ADS rows are not the teacher's: the check above would see a dropped tilt.
+    assert worst_error(ref, [j for j in jobs if j.defense["mode"] == "ads"], defense_override={"mode": "none"}) > 1e-3
