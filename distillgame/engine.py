@@ -70,6 +70,10 @@ class EngineConfig:
     # proxy's) sharded over this many workers. On CPUs each worker gets its own
     # cores (see environment()).
     tensor_parallel_size: int = 1
+    # vLLM's data parallelism: this many engine cores, each a full (TP-sharded) copy
+    # behind one server. A server setting (``vllm serve --data-parallel-size``):
+    # the offline ``LLM`` runs one engine core.
+    data_parallel_size: int = 1
     # Any other vLLM engine argument, applied last (e.g. enable_chunked_prefill).
     # Settings the defense does not run under (speculative_config,
     # async_scheduling=True, enable_prompt_embeds) make the engine refuse to start.
@@ -114,6 +118,8 @@ class EngineConfig:
             kwargs["hf_overrides"] = overrides
         if self.tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = self.tensor_parallel_size
+        if self.data_parallel_size > 1:
+            kwargs["data_parallel_size"] = self.data_parallel_size
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
         if self.kv_cache_bytes is not None:
@@ -136,11 +142,14 @@ class EngineConfig:
         vLLM's CPU backend binds each worker's threads to one NUMA node by
         default and refuses to start more workers than the machine has nodes
         ("Not enough allowed NUMA nodes to bind threads of 2 local
-        CPUWorkers"). Where tensor parallelism asks for more, the allowed
-        cores are split among the workers (``VLLM_CPU_OMP_THREADS_BIND``),
-        unless the caller set a binding of its own.
+        CPUWorkers"). Where tensor and data parallelism ask for more (one
+        worker per TP rank of each DP engine core; vLLM reads the binding's
+        ``|``-separated lists in DP-major order), the allowed cores are split
+        among the workers (``VLLM_CPU_OMP_THREADS_BIND``), unless the caller
+        set a binding of its own.
         """
-        world = int(self.engine_overrides.get("tensor_parallel_size", self.tensor_parallel_size))
+        world = (int(self.engine_overrides.get("tensor_parallel_size", self.tensor_parallel_size))
+                 * int(self.engine_overrides.get("data_parallel_size", self.data_parallel_size)))
         if world <= 1 or os.environ.get(CPU_BIND_ENV, "auto") != "auto" or not _on_cpu():
             return {}
         if _numa_nodes() >= world:

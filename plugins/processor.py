@@ -629,6 +629,10 @@ class DefenseWorkerExtension:
             "live": len(live),
             "speculative": bool(getattr(config, "speculative_config", None)),
             "async_scheduling": bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False)),
+            # Which data-parallel engine core (vLLM resets data_parallel_rank to 0 in the cores of a dense
+            # model, whose replicas are independent; data_parallel_index keeps the core's rank).
+            "dp_rank": _data_parallel_index(getattr(config, "parallel_config", None)),
+            "tp_rank": _tensor_parallel_rank(),
         }
 
     def distillgame_kv_layout(self) -> dict[str, Any]:
@@ -678,6 +682,14 @@ class DefenseWorkerExtension:
                 for key, value in stats.items():
                     total[mode][key] += value
         return total
+
+
+def _data_parallel_index(parallel_config: Any) -> int:
+    """The data-parallel engine core this worker belongs to (0 without data parallelism)."""
+    index = getattr(parallel_config, "data_parallel_index", None)
+    if index is None:
+        index = getattr(parallel_config, "data_parallel_rank", 0)
+    return int(index or 0)
 
 
 def _tensor_parallel_rank() -> int:

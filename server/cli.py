@@ -104,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="vLLM's tensor parallelism: workers the teacher (and a proxy on vLLM's layers) is "
                         "sharded over; on CPUs each gets its own cores (VLLM_CPU_OMP_THREADS_BIND is set "
                         "for you unless you set it)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="vLLM's data parallelism: engine cores behind this one server, each a defended copy "
+                        "of the teacher and proxy (readiness checks every worker of every core)")
     p.add_argument("--dtype", default="auto", help="teacher dtype (auto, float32, bfloat16, float16)")
     p.add_argument("--memory-share", type=float, default=0.3,
                    help="share of device (CPU: host) memory the engine may reserve")
@@ -148,7 +151,7 @@ def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
         teacher=teacher, proxy=proxy, ads_grad=args.ads_grad, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, memory_share=args.memory_share,
         fault_file=args.fault_file, proxy_runner=args.proxy_runner,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
         extra_defense={"ads_method": args.ads_method,

@@ -159,6 +159,7 @@ class DefensePolicy:
         self._shielded = ErrorShieldMiddleware(self._dispatch)
         self._engine_ok = False
         self._engine_refusal: str | None = None
+        self._workers: list[dict[str, Any]] = []  # the statuses that passed the check
         self._engine_lock = asyncio.Lock()
         logger.info("defense policy on vLLM's server: tiers %s; routes %s",
                     {name: tier.defense.mode for name, tier in self.policy.tiers.items()}, sorted(ROUTES))
@@ -300,8 +301,11 @@ class DefensePolicy:
             await send_error(send, 503, "not ready: the engine is not healthy", type="service_unavailable",
                              code="engine_unavailable")
             return
-        await _send_json(send, 200, {"status": "ready", "defended_tiers": sorted(
-            name for name, tier in self.policy.tiers.items() if tier.defended)})
+        ready: dict[str, Any] = {"status": "ready", "defended_tiers": sorted(
+            name for name, tier in self.policy.tiers.items() if tier.defended)}
+        if self._workers:  # checked live: how many workers, in how many engine cores
+            ready |= {"workers": len(self._workers), "engine_cores": _engine_cores(self._workers)}
+        await _send_json(send, 200, ready)
 
     async def _engine_check(self, scope: Scope) -> str | None:
         """Why the engine would serve defended tiers undefended, or None; a settled answer is kept."""
@@ -315,10 +319,13 @@ class DefensePolicy:
             engine = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
             if engine is None:
                 return "the engine is not up yet"
-            refusal = await engine_refusal(engine)
+            workers: list[dict[str, Any]] = []
+            refusal = await engine_refusal(engine, workers)
             if refusal is None:
                 self._engine_ok = True
-                logger.info("defense checked live on every worker; defended tiers are served")
+                self._workers = workers
+                logger.info("defense checked live on every worker (%d workers in %d engine cores); defended tiers "
+                            "are served", len(workers), _engine_cores(workers))
             elif refusal != _ENGINE_UNREACHABLE:
                 # The engine's settings do not change while it runs: ask once.
                 self._engine_refusal = refusal
@@ -335,7 +342,7 @@ class DefensePolicy:
         from distillgame.plugins.processor import fidelity_rpc
 
         try:
-            per_worker = await engine.collective_rpc(fidelity_rpc)
+            per_worker = await every_worker(engine, fidelity_rpc)
         except Exception as exc:
             logger.warning("fidelity poll failed: %s", type(exc).__name__)
             return
@@ -351,15 +358,37 @@ class DefensePolicy:
 _ENGINE_UNREACHABLE = "the engine did not answer the defense's status call"
 
 
-async def engine_refusal(engine: Any) -> str | None:
+async def every_worker(engine: Any, method: str) -> list[Any]:
+    """``method``'s answer from every worker of every engine core behind ``engine``, in one list.
+
+    ``engine.collective_rpc`` asks every worker of one engine core. Under data
+    parallelism (``--data-parallel-size``) the server's client sends it to every
+    core but returns the first core's answer only (vLLM 0.32's
+    ``DPLBAsyncMPClient.call_utility_async``), which would let a replica
+    without a live processor pass the readiness check and leave its tokens out
+    of the fidelity counters; so the call goes to each core here.
+    """
+    call_all = getattr(getattr(engine, "engine_core", None), "call_utility_all_async", None)
+    if call_all is None:
+        return list(await engine.collective_rpc(method))
+    per_core = await call_all("collective_rpc", method, None, (), None)
+    return [worker for workers in per_core for worker in workers]
+
+
+def _engine_cores(statuses: list[dict[str, Any]]) -> int:
+    return len({status.get("dp_rank", 0) for status in statuses})
+
+
+async def engine_refusal(engine: Any, statuses_out: list[dict[str, Any]] | None = None) -> str | None:
     """Why ``engine`` (vLLM's ``EngineClient``) would release an undefended distribution, or None.
 
     Checks what no request can see: ``logprobs_mode`` (the default,
     ``raw_logprobs``, returns the teacher's logprobs from before the
-    processor ran) and, through ``collective_rpc``, that every worker built a
+    processor ran) and, through :func:`every_worker`, that every worker built a
     live defense processor and runs without async scheduling
     (:meth:`~distillgame.plugins.processor.DefenseWorkerExtension.distillgame_status`,
-    judged by :func:`distillgame.engine.verify_defense_live`).
+    judged by :func:`distillgame.engine.verify_defense_live`). The statuses
+    reported are appended to ``statuses_out``.
     """
     from distillgame.engine import DefenseNotLive, verify_defense_live
     from distillgame.plugins.processor import status_rpc
@@ -370,13 +399,15 @@ async def engine_refusal(engine: Any) -> str | None:
         return (f"the engine runs with logprobs_mode {mode!r}, so logprobs would describe the teacher before "
                 "the defense; start it with --logprobs-mode processed_logprobs")
     try:
-        statuses = await engine.collective_rpc(status_rpc)
+        statuses = await every_worker(engine, status_rpc)
     except Exception as exc:
         if type(exc).__name__ == "EngineDeadError":
             return _ENGINE_UNREACHABLE
         logger.warning("%s failed: %s", status_rpc, type(exc).__name__)
         return (f"the engine's workers cannot report the defense's status ({type(exc).__name__}); start it with "
                 "--worker-extension-cls distillgame.plugins.processor.DefenseWorkerExtension")
+    if statuses_out is not None:
+        statuses_out.extend(statuses)
     try:
         verify_defense_live(list(statuses))
     except DefenseNotLive as exc:

@@ -233,6 +233,38 @@ def test_health_is_ready_only_once_every_worker_is_defended(tmp_path):
     assert "open" not in r.json()["defended_tiers"]
 
 
+class _DataParallelEngine(_Engine):
+    """Two engine cores behind one client, answering as vLLM 0.32's data-parallel client does:
+    ``collective_rpc`` returns the first core's workers only; ``engine_core.call_utility_all_async``
+    returns each core's."""
+
+    def __init__(self, per_core: list[list[dict]]) -> None:
+        super().__init__(statuses=per_core[0])
+        outer = self
+
+        class _Cores:
+            async def call_utility_all_async(self, method: str, *args: Any) -> list[list[dict]]:
+                assert method == "collective_rpc" and args[0] in ("distillgame_status", "distillgame_fidelity")
+                outer.calls += 1
+                if args[0] == "distillgame_fidelity":
+                    return [[{"poe": {"tokens": 3, "kl_sum": 0.1, "argmax_agree": 3}}] for _ in per_core]
+                return per_core
+
+        self.engine_core = _Cores()
+
+
+def test_every_data_parallel_engine_core_must_be_defended(tmp_path):
+    """Under data parallelism a core without a live processor blocks readiness, though the first core is live."""
+    live = {"configured": True, "live": 1, "speculative": False, "async_scheduling": False}
+    client, _ = _stand_in(tmp_path, _DataParallelEngine([[{**live, "dp_rank": 0}],
+                                                         [{**live, "live": 0, "dp_rank": 1}]]))
+    err = _error(client.get("/health"), 503)
+    assert err["code"] == "defense_not_live" and "worker 1" in err["message"], err
+    client, _ = _stand_in(tmp_path, _DataParallelEngine([[{**live, "dp_rank": 0}], [{**live, "dp_rank": 1}]]))
+    r = client.get("/health")
+    assert r.status_code == 200 and (r.json()["workers"], r.json()["engine_cores"]) == (2, 2), r.json()
+
+
 @pytest.mark.parametrize("raw, param, code", [
     # Python's json takes these as floats; vLLM's models would too.
     (b'{"prompt": "hi", "temperature": NaN}', None, "invalid_json"),
