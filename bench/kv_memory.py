@@ -16,7 +16,14 @@ finish. Per runner it reports:
   every block also holds the proxy's layers, so the capacity is the teacher's
   alone times ``teacher_bpt / (teacher_bpt + proxy_bpt)``: vLLM counts the proxy.
 
+Per worker it also reports what each tensor-parallel rank holds: the
+teacher's and the proxy's weights and their KV pages in vLLM's pool
+(``--tensor-parallel-size N``; on CPUs the workers' thread binding is set as
+``EngineConfig`` sets it).
+
 Usage: python -m distillgame.bench.kv_memory --out bench/results
+       python -m distillgame.bench.kv_memory --teacher bench/zoo/teacher --proxy bench/zoo/proxy \
+           --tensor-parallel-size 2 --name kv_memory_tp2
 """
 
 from __future__ import annotations
@@ -45,19 +52,21 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
     llm = build_llm(EngineConfig(teacher=args.teacher, proxy=args.proxy, dtype=args.dtype,
                                  max_model_len=args.max_model_len, max_num_seqs=args.requests,
                                  kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
-                                 proxy_runner=runner))
+                                 proxy_runner=runner, tensor_parallel_size=args.tensor_parallel_size))
     try:
-        layout = llm.collective_rpc("distillgame_kv_layout")[0]
+        per_rank = llm.collective_rpc("distillgame_kv_layout")
+        layout = per_rank[0]
         layers = layout["layers"]
         proxy_page = sum(v["page_bytes"] for k, v in layers.items() if k.startswith(PROXY_PREFIX + "."))
         teacher_page = sum(v["page_bytes"] for k, v in layers.items() if not k.startswith(PROXY_PREFIX + "."))
         block = next(iter(layers.values()))["block_size"]
         rng = random.Random(0)
         engine = llm.llm_engine
+        vocab = min(20000, engine.vllm_config.model_config.get_vocab_size())
         params = SamplingParams(max_tokens=args.generate, temperature=0.0, ignore_eos=True,
                                 extra_args={"distillgame": {"mode": "poe", "gamma": 0.65}})
         for i in range(args.requests):
-            prompt = [rng.randrange(100, 20000) for _ in range(args.tokens - args.generate)]
+            prompt = [rng.randrange(100, vocab) for _ in range(args.tokens - args.generate)]
             engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
         peak, steps = 0.0, 0
         with tqdm(total=args.requests, desc=f"kv memory ({runner})", disable=None) as bar:
@@ -75,9 +84,22 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
             "peak_usage": peak, "peak_blocks": peak_blocks, "steps": steps,
             "proxy_live_bytes": peak_blocks * proxy_page if proxy_page else None,
             "dense_proxy_bytes": layout["dense_proxy_bytes"],
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "ranks": [_rank_memory(rank, layout["num_blocks"]) for rank in per_rank],
         }
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def _rank_memory(layout: dict[str, Any], num_blocks: int) -> dict[str, Any]:
+    """What one worker holds: weights and KV (pool pages, dense slots) of the teacher and the proxy."""
+    pages = {"teacher": 0, "proxy": 0}
+    for name, layer in layout["layers"].items():
+        pages["proxy" if name.startswith(PROXY_PREFIX + ".") else "teacher"] += layer["page_bytes"]
+    return {"tp_rank": layout.get("tp_rank", 0), "teacher_weight_bytes": layout["weight_bytes"]["teacher"],
+            "proxy_weight_bytes": layout["weight_bytes"]["proxy"],
+            "teacher_kv_pool_bytes": pages["teacher"] * num_blocks, "proxy_kv_pool_bytes": pages["proxy"] * num_blocks,
+            "proxy_dense_kv_bytes": layout["dense_proxy_bytes"]}
 
 
 def proxy_bytes_per_token(proxy: str | None, dtype: str) -> int:
@@ -108,6 +130,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['runner']} | {held / 2**20:.1f} MiB ({what}) | {held / target:.3f} | "
                      f"{r['capacity_tokens']:,} | {r['num_blocks']} x {r['block_size']} | "
                      f"{r['teacher_bytes_per_token']:.0f} + {r['proxy_bytes_per_token_paged']:.0f} |")
+    lines += ["", f"Per worker (tensor parallelism {report['runs'][0].get('tensor_parallel_size', 1)}), MiB:", "",
+              "| runner | rank | teacher weights | proxy weights | teacher KV pool | proxy KV pool | proxy dense KV |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        for k in r.get("ranks", []):
+            lines.append(f"| {r['runner']} | {k['tp_rank']} | {k['teacher_weight_bytes'] / 2**20:.2f} | "
+                         f"{k['proxy_weight_bytes'] / 2**20:.2f} | {k['teacher_kv_pool_bytes'] / 2**20:.2f} | "
+                         f"{k['proxy_kv_pool_bytes'] / 2**20:.2f} | {k['proxy_dense_kv_bytes'] / 2**20:.2f} |")
     runs = {r["runner"]: r for r in report["runs"]}
     if {"vllm", "transformers"} <= set(runs):
         v, t = runs["vllm"], runs["transformers"]
@@ -140,13 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="workers the engine is sharded over; the per-worker table has a row per rank")
+    p.add_argument("--name", default="kv_memory", help="result file stem under --out")
     args = p.parse_args(argv)
     runs = [measure(r, args) for r in args.runners.split(",") if r]
     report = {"benchmark": "kv_memory", "command": "python -m distillgame.bench.kv_memory " + " ".join(
         sys.argv[1:] if argv is None else argv), "machine": machine_info(), "requests": args.requests,
               "tokens": args.tokens, "max_model_len": args.max_model_len,
               "proxy_bytes_per_token": proxy_bytes_per_token(args.proxy, args.dtype), "runs": runs}
-    write_results(report, args.out, "kv_memory", markdown, plot)
+    write_results(report, args.out, args.name, markdown, plot)
     print(markdown(report))
     print(json.dumps(runs, indent=1))
     return 0

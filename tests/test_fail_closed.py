@@ -81,7 +81,8 @@ def test_defended_engines_run_without_async_scheduling_and_refuse_it(tiny_pair, 
 
 def test_every_worker_of_the_shared_engine_reports_a_live_processor(tiny_llm):
     statuses = tiny_llm.collective_rpc(status_rpc)
-    assert statuses == [{"configured": True, "live": 1, "speculative": False, "async_scheduling": False}]
+    assert statuses == [{"configured": True, "live": 1, "speculative": False, "async_scheduling": False,
+                         "dp_rank": 0, "tp_rank": 0}]
     verify_defense_live(statuses)
 
 
