@@ -17,7 +17,7 @@ finish. Per runner it reports:
   alone times ``teacher_bpt / (teacher_bpt + proxy_bpt)``: vLLM counts the proxy.
 
 Per worker it also reports what each tensor-parallel rank holds: the
-teacher's and the proxy's weights and their KV pages in vLLM's pool
+teacher's and the proxy's KV pages in vLLM's pool and the proxy's dense slots
 (``--tensor-parallel-size N``; on CPUs the workers' thread binding is set as
 ``EngineConfig`` sets it).
 
@@ -92,13 +92,11 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rank_memory(layout: dict[str, Any], num_blocks: int) -> dict[str, Any]:
-    """What one worker holds: weights and KV (pool pages, dense slots) of the teacher and the proxy."""
+    """The KV one worker holds: the teacher's and the proxy's pages in vLLM's pool, the proxy's dense slots."""
     pages = {"teacher": 0, "proxy": 0}
     for name, layer in layout["layers"].items():
         pages["proxy" if name.startswith(PROXY_PREFIX + ".") else "teacher"] += layer["page_bytes"]
-    return {"tp_rank": layout.get("tp_rank", 0), "teacher_weight_bytes": layout["weight_bytes"]["teacher"],
-            "proxy_weight_bytes": layout["weight_bytes"]["proxy"],
-            "teacher_kv_pool_bytes": pages["teacher"] * num_blocks, "proxy_kv_pool_bytes": pages["proxy"] * num_blocks,
+    return {"tp_rank": layout.get("tp_rank", 0), "teacher_kv_pool_bytes": pages["teacher"] * num_blocks, "proxy_kv_pool_bytes": pages["proxy"] * num_blocks,
             "proxy_dense_kv_bytes": layout["dense_proxy_bytes"]}
 
 
@@ -131,13 +129,15 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['capacity_tokens']:,} | {r['num_blocks']} x {r['block_size']} | "
                      f"{r['teacher_bytes_per_token']:.0f} + {r['proxy_bytes_per_token_paged']:.0f} |")
     lines += ["", f"Per worker (tensor parallelism {report['runs'][0].get('tensor_parallel_size', 1)}), MiB:", "",
-              "| runner | rank | teacher weights | proxy weights | teacher KV pool | proxy KV pool | proxy dense KV |",
-              "|---|---|---|---|---|---|---|"]
+              "| runner | rank | teacher KV pool | proxy KV pool | proxy dense KV | proxy KV bytes per token |",
+              "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         for k in r.get("ranks", []):
-            lines.append(f"| {r['runner']} | {k['tp_rank']} | {k['teacher_weight_bytes'] / 2**20:.2f} | "
-                         f"{k['proxy_weight_bytes'] / 2**20:.2f} | {k['teacher_kv_pool_bytes'] / 2**20:.2f} | "
-                         f"{k['proxy_kv_pool_bytes'] / 2**20:.2f} | {k['proxy_dense_kv_bytes'] / 2**20:.2f} |")
+            per_token = (k["proxy_kv_pool_bytes"] / r["capacity_tokens"] if k["proxy_kv_pool_bytes"]
+                         else k["proxy_dense_kv_bytes"] / (report["requests"] * report["max_model_len"]))
+            lines.append(f"| {r['runner']} | {k['tp_rank']} | {k['teacher_kv_pool_bytes'] / 2**20:.2f} | "
+                         f"{k['proxy_kv_pool_bytes'] / 2**20:.2f} | {k['proxy_dense_kv_bytes'] / 2**20:.2f} | "
+                         f"{per_token:.0f} |")
     runs = {r["runner"]: r for r in report["runs"]}
     if {"vllm", "transformers"} <= set(runs):
         v, t = runs["vllm"], runs["transformers"]

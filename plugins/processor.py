@@ -602,20 +602,6 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     def sync_audit(self) -> dict[str, Any] | None:
         return self.audit.report() if self.audit is not None else None
 
-    def proxy_weight_bytes(self) -> int:
-        """Bytes of the proxy weights this processor holds outside vLLM's model (its runners' copies)."""
-        if not self.active:
-            return 0
-        runners = [self.proxy] if self.proxy is not None else []
-        runners += [r for p in self.ads_pairs.values() for r in (p.plus, p.minus)]
-        runners += [self.ads_jvp] if self.ads_jvp is not None else []
-        seen: dict[int, int] = {}
-        for r in runners:
-            model = getattr(r, "model", None)
-            for t in (*model.parameters(), *model.buffers()) if model is not None else ():
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-        return sum(seen.values())
-
     def proxy_cache_bytes(self) -> int:
         if not self.active:
             return 0
@@ -669,17 +655,8 @@ class DefenseWorkerExtension:
         with _LIVE_LOCK:
             mine = [p for p in _LIVE if p.active and p.vllm_config is self.vllm_config]
         dense = sum(p.proxy_cache_bytes() for p in mine)
-        # Weights this worker holds: the teacher's shard and the proxy's (a shard of vLLM's layers on the
-        # paged path; the processor's full copies on the transformers runner).
-        def nbytes(module: Any) -> int:
-            return sum(t.numel() * t.element_size() for t in module.parameters()) if module is not None else 0
-
-        paged = getattr(runner.model, "proxy", None) if paged_proxy.is_paged(self.vllm_config) else None
-        weights = {"teacher": nbytes(runner.model) - nbytes(paged),
-                   "proxy": nbytes(paged) + sum(p.proxy_weight_bytes() for p in mine)}
         return {"num_blocks": config.num_blocks, "groups": [list(g.layer_names) for g in config.kv_cache_groups],
-                "layers": layers, "dense_proxy_bytes": dense, "weight_bytes": weights,
-                "tp_rank": _tensor_parallel_rank()}
+                "layers": layers, "dense_proxy_bytes": dense, "tp_rank": _tensor_parallel_rank()}
 
     def distillgame_sync_audit(self) -> list[dict[str, Any]]:
         """What the audit saw in each live processor with ``sync_audit`` on (see :class:`SyncAudit`)."""
