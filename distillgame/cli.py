@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "distillgame.check",  # check --gpu
     "distillgame.compare",  # compare
     "distillgame.models",  # models teacher|proxy
+    "distillgame.proxy_cli",  # proxy
 )
 
 

@@ -203,17 +203,43 @@ def truncate_model(src: Path, out: Path, num_layers: int) -> None:
     (out / "distillgame_proxy.json").write_text(json.dumps(meta, indent=2))
 
 
-def _lens_prompts(tokenizer: Any) -> list[list[int]]:
-    """Token ids of the prompts the lens is fitted after (chat format, as the server sends them)."""
-    from distillgame.tasks import build_chat_messages, load_problems
+def lens_prompts(tokenizer: Any, gsm_prompts: int = LENS_GSM_PROMPTS, split: str = "train",
+                 general: tuple[str, ...] = LENS_GENERAL_PROMPTS, task: str = "gsm-symbolic") -> list[list[int]]:
+    """Token ids of the prompts a lens is fitted (or measured) after, formatted as the teacher is served.
 
-    conversations = [build_chat_messages(p, "gsm-symbolic") for p in load_problems("gsm-symbolic", "train", n=LENS_GSM_PROMPTS)]
-    conversations += [[{"role": "user", "content": text}] for text in LENS_GENERAL_PROMPTS]
+    ``gsm_prompts`` questions of ``task``'s ``split``, then ``general``. In chat
+    format where the tokenizer has a chat template; otherwise in the plain
+    ``Question: ... Answer: `` completion format the zoo's base models are
+    trained on (:func:`distillgame.tasks.build_prompt`).
+    """
+    from distillgame.tasks import Problem, build_chat_messages, build_prompt, load_problems
+
+    problems = load_problems(task, split, n=gsm_prompts) if gsm_prompts else []
+    if not getattr(tokenizer, "chat_template", None):
+        problems += [Problem(id=f"general-{i}", question=text, answer="") for i, text in enumerate(general)]
+        return [list(tokenizer(build_prompt(p, task))["input_ids"]) for p in problems]
+    conversations = [build_chat_messages(p, task) for p in problems]
+    conversations += [[{"role": "user", "content": text}] for text in general]
     out = []
     for messages in conversations:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
     return out
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The one dtype a folder's safetensors checkpoint stores its tensors in."""
+    import torch
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    found: set[str] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            found.update(fh.get_slice(name).get_dtype() for name in fh.keys())
+    if len(found) != 1 or not found <= set(names):
+        raise ValueError(f"{folder}: expected one float dtype in its safetensors, found {sorted(found) or 'none'}")
+    return names[found.pop()]
 
 
 def rms_normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -234,6 +260,7 @@ def lens_pairs(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
     computed twice; left padding is dropped.
     """
     import torch
+    from tqdm import tqdm
 
     eps = model.config.rms_norm_eps
     xs: list[torch.Tensor] = []
@@ -256,7 +283,7 @@ def lens_pairs(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     try:
-        for a in range(0, len(prompts), batch):
+        for a in tqdm(range(0, len(prompts), batch), desc="lens samples", unit="batch", disable=len(prompts) <= batch):
             chunk = prompts[a: a + batch]
             ids, mask = left_padded(chunk, pad)
             keep[:] = [mask.bool()]
@@ -285,17 +312,37 @@ def fit_lens(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Ten
     return torch.linalg.solve(gram, x64.T @ y64)
 
 
-def build_lens_proxy(src: Path, out: Path, num_layers: int) -> dict[str, Any]:
+def check_exit_layer(src: Path, num_layers: int) -> int:
+    """The teacher's depth, after checking that ``num_layers`` leaves at least one layer out."""
+    from transformers import AutoConfig
+
+    total = AutoConfig.from_pretrained(str(src)).num_hidden_layers
+    if not 0 < num_layers < total:
+        raise ValueError(f"the exit layer must be in 1..{total - 1} ({src} has {total} decoder layers), "
+                         f"got {num_layers}")
+    return total
+
+
+def build_lens_proxy(src: Path, out: Path, num_layers: int, *, gsm_prompts: int = LENS_GSM_PROMPTS,
+                     new_tokens: int = LENS_TOKENS, seed: int = LENS_SEED, task: str = "gsm-symbolic",
+                     dtype: str = "auto") -> dict[str, Any]:
     """Save ``src``'s first ``num_layers`` layers with a fitted linear read-out, as a plain Llama folder.
 
     A tuned lens: the teacher's final state ``y`` (what its head reads) is
     predicted from the normalized state after ``num_layers`` layers by one
     ``d x d`` matrix ``B`` (``y ~ x B``), fitted by least squares on the
-    teacher's own samples. ``B`` folds into the architecture with no new
+    teacher's own samples (:func:`lens_prompts`, ``new_tokens`` each, seeded
+    with ``seed``). ``B`` folds into the architecture with no new
     parts: the proxy's final RMSNorm gets weight 1 (so it outputs ``x``) and
     its LM head becomes ``W B^T`` (untied from the embeddings), so the logits
     are ``W (x B)^T``. A bias term cannot be folded (Llama's head has none)
     and is left out. Returns the fit's statistics.
+
+    ``dtype="auto"`` stores the folder in the teacher checkpoint's own dtype,
+    so the embedding and layers stay byte-identical to the teacher's (what
+    lets the engine run the proxy on the teacher's own trunk); only the new
+    head is rounded to it.
+    Any other dtype casts every tensor and makes the proxy a model of its own.
     """
     import time
 
@@ -303,18 +350,30 @@ def build_lens_proxy(src: Path, out: Path, num_layers: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
+    total = check_exit_layer(src, num_layers)
+    teacher_dtype = stored_dtype(src)
+    save_dtype = teacher_dtype if dtype == "auto" else getattr(torch, dtype)
+    if save_dtype != teacher_dtype:
+        logger.warning("saving in %s, not the teacher's %s: the proxy will not share the teacher's trunk",
+                       save_dtype, teacher_dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    total = teacher.config.num_hidden_layers
-    if not 0 < num_layers < total:
-        raise ValueError(f"num_layers must be in 1..{total - 1}, got {num_layers}")
-    logger.info("fitting the embedded proxy's lens on the teacher's own samples (once, about a minute)")
-    x, y = lens_pairs(teacher, tokenizer, _lens_prompts(tokenizer), num_layers, LENS_TOKENS, LENS_SEED)
+    prompts = lens_prompts(tokenizer, gsm_prompts, task=task)
+    logger.info("fitting the lens after layer %d of %d on %s's own samples (%d prompts)",
+                num_layers, total, src, len(prompts))
+    x, y = lens_pairs(teacher, tokenizer, prompts, num_layers, new_tokens, seed)
     b = fit_lens(x, y)
     resid = float(((x.double() @ b - y.double()).pow(2).sum() / (y.double() - y.double().mean(0)).pow(2).sum()))
     head = teacher.get_output_embeddings().weight.detach().double()
 
-    proxy = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    probe = torch.randn(2, head.shape[1], generator=torch.Generator().manual_seed(0))
+    norm = teacher.model.norm
+    with torch.no_grad():
+        if not torch.allclose(norm(probe), norm.weight * rms_normalize(probe, teacher.config.rms_norm_eps), atol=1e-5):
+            raise ValueError(f"{src}'s final norm is not weight * RMSNorm(h): a lens cannot be folded into it")
+
+    # Loaded in the stored dtype, so the kept tensors are the checkpoint's bytes.
+    proxy = AutoModelForCausalLM.from_pretrained(str(src), dtype=save_dtype)
     proxy.model.layers = proxy.model.layers[:num_layers]
     proxy.config.num_hidden_layers = num_layers
     if getattr(proxy.config, "layer_types", None):
@@ -322,18 +381,17 @@ def build_lens_proxy(src: Path, out: Path, num_layers: int) -> dict[str, Any]:
     proxy.config.tie_word_embeddings = False
     proxy.model.norm.weight.data.fill_(1.0)
     lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
-    lm_head.weight = torch.nn.Parameter((head @ b.T).float())
+    lm_head.weight = torch.nn.Parameter((head @ b.T).float().to(save_dtype))
     proxy.lm_head = lm_head
-    proxy = proxy.to(torch.bfloat16)
-    proxy.config.dtype = torch.bfloat16
+    proxy.config.dtype = save_dtype
     proxy.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     stats = {"derived_from": str(src), "num_layers": num_layers, "of": total, "read_out": "tuned lens (d x d, no bias)",
-             "fit_positions": int(x.shape[0]), "fit_unexplained_variance": resid, "lens_tokens": LENS_TOKENS,
-             "lens_prompts": LENS_GSM_PROMPTS + len(LENS_GENERAL_PROMPTS), "seed": LENS_SEED,
+             "fit_positions": int(x.shape[0]), "fit_unexplained_variance": resid, "lens_tokens": new_tokens,
+             "lens_prompts": len(prompts), "seed": seed,
              "build_seconds": round(time.monotonic() - started, 1)}
     (out / "distillgame_proxy.json").write_text(json.dumps(stats, indent=2))
-    logger.info("embedded proxy built in %.0f s (%d positions, unexplained variance %.3f)",
+    logger.info("lens proxy built in %.0f s (%d positions, unexplained variance %.3f)",
                 stats["build_seconds"], x.shape[0], resid)
     return stats
 
