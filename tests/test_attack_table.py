@@ -162,6 +162,92 @@ def test_policy_gives_each_setting_its_own_key_and_defense(tmp_path):
         assert tier.defense.gamma == s.defense.get("gamma") and tier.defense.lam == s.defense.get("lam")
 
 
+def test_a_settings_own_proxy_reaches_its_server_and_ads_keeps_the_tables(tmp_path):
+    import argparse
+
+    from distillgame.clients import cli
+    from distillgame.clients.attack.table import (Setting, TableConfig, proxy_tag, server_command, server_groups,
+                                                  time_costs)
+
+    (tmp_path / "table.yaml").write_text(
+        "proxy: zoo/proxy\nads_grad: zoo/proxy-ads-grad.safetensors\nsettings:\n"
+        "  - {name: poe-gamma0.65, defense: {mode: poe, gamma: 0.65}}\n"
+        "  - {name: ads-lam0.75, defense: {mode: ads, lam: 0.75, eps: 1.0e-4}}\n"
+        "  - {name: poe-exit2-gamma0.9, defense: {mode: poe, gamma: 0.9}, proxy: zoo/proxy-exit2}\n")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["attack", "table", "--config", str(tmp_path / "table.yaml"), "--out", str(tmp_path)])
+    cfg = TableConfig.from_args(args)
+    groups = server_groups(cfg.all_settings())
+    assert {p: [s.name for s in g] for p, g in groups.items()} == {
+        None: ["none", "poe-gamma0.65", "ads-lam0.75"], "zoo/proxy-exit2": ["poe-exit2-gamma0.9"]}
+    assert groups["zoo/proxy-exit2"][0].label == "POE (gamma=0.9, proxy=proxy-exit2)"
+
+    def flags(cmd: list[str]) -> dict[str, str]:
+        return {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
+
+    table = flags(server_command(cfg, None, tmp_path / "policy.toml", 8001))
+    own = flags(server_command(cfg, "zoo/proxy-exit2", tmp_path / f"policy{proxy_tag('zoo/proxy-exit2')}.toml", 8002))
+    assert table["--proxy"] == "zoo/proxy" and table["--ads-grad"] == "zoo/proxy-ads-grad.safetensors"
+    assert own["--proxy"] == "zoo/proxy-exit2" and "--ads-grad" not in own
+    assert own["--policy"].endswith("policy-proxy-exit2.toml") and own["--teacher"] == table["--teacher"]
+    # The setting's time cost is against the undefended teacher on its own server.
+    own_none = {"wall_s": 5.0, "tokens": 100}
+    costs = time_costs({"none": {"wall_s": 10.0, "tokens": 100},
+                        "poe-exit2-gamma0.9": {"wall_s": 6.0, "tokens": 100, "baseline": own_none}})
+    assert costs["poe-exit2-gamma0.9"]["time_cost"] == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="only a PoE setting"):
+        TableConfig(out=tmp_path, settings=[Setting("ads-own", {"mode": "ads", "lam": 0.5}, proxy="zoo/proxy-exit2")])
+
+
+def test_a_resumed_table_starts_only_the_server_of_the_new_settings_proxy(tmp_path, monkeypatch):
+    """The undefended teacher collected and timed before: only the new setting's server starts, and its
+    timing pass (beside a ``none`` of its own) leaves the table's pass alone."""
+    from distillgame.clients.attack import table
+
+    cfg = table.TableConfig(out=tmp_path / "out", work=tmp_path / "work", n_train=2, n_test=2, collect_only=True,
+                            attackers=["passive"],
+                            settings=[table.Setting("poe-exit", {"mode": "poe", "gamma": 0.9}, proxy="zoo/exit")])
+    summary = {"n_records": 2, "accuracy": 0.5}
+
+    def fake_collect(cfg, setting, base_url, api_key):  # what collect leaves in work
+        (cfg.work / setting.name).mkdir(parents=True, exist_ok=True)
+        for name in ("traces.jsonl", "teacher_test.jsonl"):
+            (cfg.work / setting.name / f"{name}.summary.json").write_text(json.dumps(summary))
+        return {"traces": summary, "teacher": summary}
+
+    fake_collect(cfg, table.Setting("none", {"mode": "none"}), "", "")
+    (cfg.work / "timing").mkdir()
+    table._timing_path(cfg).write_text(json.dumps({"settings": ["none"], "rounds": 3, "prompts": 64,
+                                                   "per_setting": {"none": {"wall_s": 10.0, "tokens": 100}}}))
+    started = []
+
+    class FakeServer:
+        def __init__(self, cfg, settings, proxy=None):
+            started.append((proxy, [s.name for s in settings]))
+            self.base_url, self.keys = "http://fake/v1", {s.name: s.name for s in settings}
+
+        def close(self):
+            pass
+
+    def fake_time(cfg, settings, base_url, keys, proxy=None):
+        walls = {"none": {"wall_s": 5.0, "tokens": 100}, "poe-exit": {"wall_s": 6.0, "tokens": 90}}
+        path = table._timing_path(cfg, proxy)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": [s.name for s in settings], "rounds": 3, "prompts": 64,
+                                    "per_setting": walls}))
+
+    monkeypatch.setattr(table, "Server", FakeServer)
+    monkeypatch.setattr(table, "collect_setting", fake_collect)
+    monkeypatch.setattr(table, "time_settings", fake_time)
+    result = table.run_table(cfg)
+    assert started == [("zoo/exit", ["none", "poe-exit"])]
+    assert result["timing"]["none"] == {"wall_s": 10.0, "tokens": 100}
+    assert result["timing"]["poe-exit"]["baseline"] == {"wall_s": 5.0, "tokens": 100}
+    assert table.time_costs(result["timing"])["poe-exit"]["time_cost"] == pytest.approx(1.2)
+    assert table.run_table(cfg)["timing"] == result["timing"] and len(started) == 1  # resumed: no server
+
+
 def test_mean_sem_and_frontier_png(tmp_path):
     from distillgame.clients.attack.table import draw_attackers, draw_frontier, mean_sem
 

@@ -1,6 +1,7 @@
 """Table 1 in one command: collect, distill every attacker, evaluate, tabulate.
 
-For each teacher setting (undefended, PoE at gamma, ADS at lam/eps):
+For each teacher setting (undefended, PoE at gamma, ADS at lam/eps; a PoE setting may
+name a proxy of its own, served by a server of its own):
 
 1. collect training traces (sampled) and the teacher's test answers (greedy)
    through the endpoint, with the API key whose tier fixes that defense (and,
@@ -106,6 +107,10 @@ class Setting:
     name: str
     defense: dict[str, Any]
     api_key: str | None = None  # only for an external endpoint
+    # PoE only: a proxy folder of this setting's own (e.g. an early exit of the
+    # teacher); None: the table's proxy. Our server holds one proxy, so such a
+    # setting is collected and timed on a server started with it.
+    proxy: str | None = None
 
     @property
     def label(self) -> str:
@@ -113,6 +118,8 @@ class Setting:
         if mode == "none":
             return "Standard"
         params = ", ".join(f"{k}={v}" for k, v in self.defense.items() if k != "mode")
+        if self.proxy:
+            params += f", proxy={Path(self.proxy).name}"
         return f"{mode.upper()} ({params})"
 
 
@@ -223,6 +230,14 @@ class TableConfig:
         self.out = Path(self.out)
         self.work = Path(self.work) if self.work else self.out / "runs"
         self.settings = [s if isinstance(s, Setting) else Setting(**s) for s in self.settings]
+        tags: dict[str, str] = {}  # a server's files in work are named after its proxy's folder
+        for s in filter(lambda s: s.proxy, self.settings):
+            if s.defense.get("mode") != "poe":  # ADS's gradient (ads_grad) is the table's proxy's
+                raise ValueError(f"setting {s.name}: only a PoE setting may name a proxy of its own")
+            if self.base_url is not None:
+                raise ValueError(f"setting {s.name}: a proxy of its own needs our server, not --base-url")
+            if tags.setdefault(proxy_tag(s.proxy), s.proxy) != s.proxy:
+                raise ValueError(f"settings' proxies share the folder name {Path(s.proxy).name}")
         self.attackers = parse_attackers(self.attackers, self.placebo)
         zoo_grad = ZOO / "proxy-ads-grad.safetensors"
         if self.ads_grad is None and self.proxy == str(ZOO / "proxy") and zoo_grad.exists():
@@ -288,6 +303,34 @@ class TableConfig:
 # ---------------------------------------------------------------- the server
 
 
+def proxy_tag(proxy: str | None) -> str:
+    """What names a server's files in ``work``: "" for the table's proxy, else "-" + the proxy's folder name."""
+    return f"-{Path(proxy).name}" if proxy else ""
+
+
+def server_groups(settings: list[Setting]) -> dict[str | None, list[Setting]]:
+    """Settings by the server that collects them: None (the table's proxy) first, then each own proxy."""
+    groups: dict[str | None, list[Setting]] = {None: []}
+    for s in settings:
+        groups.setdefault(s.proxy, []).append(s)
+    return groups
+
+
+def server_command(cfg: TableConfig, proxy: str | None, policy: Path, port: int) -> list[str]:
+    """``distillgame serve`` for one server: the table's proxy and ADS gradient, or a setting's own proxy."""
+    cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(port),
+           "--served-model-name", "teacher", *cfg.serve_args]
+    if cfg.teacher:
+        cmd += ["--teacher", cfg.teacher]
+    if proxy:
+        return cmd + ["--proxy", proxy]
+    if cfg.proxy:
+        cmd += ["--proxy", cfg.proxy]
+    if cfg.ads_grad:
+        cmd += ["--ads-grad", cfg.ads_grad]
+    return cmd
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -325,19 +368,12 @@ def _die_with_parent() -> None:
 class Server:
     """``distillgame serve`` as a subprocess, ready when /health answers 200."""
 
-    def __init__(self, cfg: TableConfig, settings: list[Setting]) -> None:
+    def __init__(self, cfg: TableConfig, settings: list[Setting], proxy: str | None = None) -> None:
         self.port = _free_port()
-        policy = cfg.work / "policy.toml"
+        policy = cfg.work / f"policy{proxy_tag(proxy)}.toml"
         self.keys = write_policy(policy, settings)
-        cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--policy", str(policy), "--port", str(self.port),
-               "--served-model-name", "teacher", *cfg.serve_args]
-        if cfg.teacher:
-            cmd += ["--teacher", cfg.teacher]
-        if cfg.proxy:
-            cmd += ["--proxy", cfg.proxy]
-        if cfg.ads_grad:
-            cmd += ["--ads-grad", cfg.ads_grad]
-        self.log_path = cfg.work / "server.log"
+        cmd = server_command(cfg, proxy, policy, self.port)
+        self.log_path = cfg.work / f"server{proxy_tag(proxy)}.log"
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -447,17 +483,38 @@ def collect_setting(cfg: TableConfig, setting: Setting, base_url: str, api_key: 
     return out
 
 
-def _timing_path(cfg: TableConfig) -> Path:
-    return cfg.work / "timing" / "timing.json"
+def _timing_path(cfg: TableConfig, proxy: str | None = None) -> Path:
+    return cfg.work / f"timing{proxy_tag(proxy)}" / "timing.json"
+
+
+def _timed_settings(group: list[Setting], proxy: str | None) -> list[Setting]:
+    """What one server times: its settings, and on a server of a setting's own proxy also ``none``,
+    the undefended teacher their time cost is relative to (the table's server has it among its settings)."""
+    return group if proxy is None else [Setting("none", {"mode": "none"}), *group]
 
 
 def _timed(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, float]] | None:
-    """A finished timing pass over these settings (or more) at these sizes, else None.
+    """Every server's finished timing pass (see :func:`_timed_on`) in one dict, else None.
+
+    A setting timed on a server of its own proxy carries that server's ``none`` as its ``baseline``.
+    """
+    timing: dict[str, dict[str, float]] = {}
+    for proxy, group in server_groups(settings).items():
+        part = _timed_on(cfg, _timed_settings(group, proxy), proxy)
+        if part is None:
+            return None
+        timing.update({s.name: part[s.name] if proxy is None else {**part[s.name], "baseline": part["none"]}
+                       for s in group})
+    return timing
+
+
+def _timed_on(cfg: TableConfig, settings: list[Setting], proxy: str | None) -> dict[str, dict[str, float]] | None:
+    """A finished timing pass over these settings (or more) at these sizes on the server of ``proxy``, else None.
 
     A table without ``--sweep`` reuses the sweep's pass (its settings are a
     subset), so the two share one server start and one set of rounds.
     """
-    path = _timing_path(cfg)
+    path = _timing_path(cfg, proxy)
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
@@ -466,8 +523,8 @@ def _timed(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str, flo
     return {s.name: saved["per_setting"][s.name] for s in settings} if covers else None
 
 
-def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str,
-                  keys: dict[str, str]) -> dict[str, dict[str, float]]:
+def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str, keys: dict[str, str],
+                  proxy: str | None = None) -> dict[str, dict[str, float]]:
     """Generation time per setting, what ``time_cost`` is computed from: {name: {wall_s, tokens}}.
 
     The collections run one setting after another, so whatever load comes and
@@ -479,7 +536,7 @@ def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str,
     """
     import shutil
 
-    root = cfg.work / "timing"
+    root = _timing_path(cfg, proxy).parent
     shutil.rmtree(root, ignore_errors=True)
     common = {s.name: _endpoint(cfg, base_url, keys[s.name]) for s in settings}
     # One untimed pass first: a resumed table may be timing a server that has served nothing yet.
@@ -494,18 +551,24 @@ def time_settings(cfg: TableConfig, settings: list[Setting], base_url: str,
                                             temperature=cfg.temperature, seed=r, **common[s.name]))
             totals[s.name]["wall_s"] += summary["wall_s_this_run"]
             totals[s.name]["tokens"] += summary["completion_tokens"]
-    _timing_path(cfg).write_text(json.dumps({"settings": [s.name for s in settings], "rounds": cfg.timing_rounds,
-                                             "prompts": cfg.timing_prompts, "per_setting": totals}, indent=2))
+    _timing_path(cfg, proxy).write_text(json.dumps({"settings": [s.name for s in settings],
+                                                    "rounds": cfg.timing_rounds, "prompts": cfg.timing_prompts,
+                                                    "per_setting": totals}, indent=2))
     return totals
 
 
 def time_costs(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per setting: wall time relative to ``none`` (``time_cost``), and the same per generated token."""
-    none = timing["none"]
-    per_token_none = none["wall_s"] / max(1, none["tokens"])
-    return {name: {"time_cost": t["wall_s"] / none["wall_s"],
-                   "time_cost_per_token": (t["wall_s"] / max(1, t["tokens"])) / per_token_none}
-            for name, t in timing.items()}
+    """Per setting: wall time relative to ``none`` (``time_cost``), and the same per generated token.
+
+    A setting timed on a server of its own carries that server's ``none`` as its ``baseline``.
+    """
+    out = {}
+    for name, t in timing.items():
+        none = t.get("baseline", timing["none"])
+        per_token_none = none["wall_s"] / max(1, none["tokens"])
+        out[name] = {"time_cost": t["wall_s"] / none["wall_s"],
+                     "time_cost_per_token": (t["wall_s"] / max(1, t["tokens"])) / per_token_none}
+    return out
 
 
 def _needs_val_traces(cfg: TableConfig) -> bool:
@@ -896,6 +959,30 @@ def _collection_path(cfg: TableConfig, setting: Setting) -> Path:
     return cfg.out / "table1_cells" / setting.name / "collection.json"
 
 
+def _serve(cfg: TableConfig, proxy: str | None, group: list[Setting], collected: dict[str, dict]) -> None:
+    """On one server, started with ``proxy`` (None: the table's), collect ``group``'s settings
+    missing from ``collected`` (filled in) and time them where that server has no timing pass yet."""
+    timed = _timed_settings(group, proxy)
+    todo = [s for s in group if s.name not in collected]
+    timing = _timed_on(cfg, timed, proxy)
+    if not todo and timing is not None:
+        return
+    server = Server(cfg, timed, proxy) if cfg.base_url is None else None
+    base_url = server.base_url if server else cfg.base_url
+    keys = server.keys if server else {s.name: s.api_key or "EMPTY" for s in timed}
+    try:
+        for s in todo:
+            log.info("collecting %s through %s", s.name, base_url)
+            collected[s.name] = collect_setting(cfg, s, base_url, keys[s.name])
+        if timing is None:
+            log.info("timing %d settings: %d interleaved rounds of %d prompts", len(timed), cfg.timing_rounds,
+                     cfg.timing_prompts)
+            time_settings(cfg, timed, base_url, keys, proxy)
+    finally:
+        if server:
+            server.close()  # frees the engine's memory for training and evaluation
+
+
 def run_table(cfg: TableConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.work.mkdir(parents=True, exist_ok=True)
@@ -908,24 +995,13 @@ def run_table(cfg: TableConfig) -> dict:
             if s.name not in collected and _collection_path(cfg, s).exists():
                 collected[s.name] = json.loads(_collection_path(cfg, s).read_text())
         settings = [s for s in settings if s.name in collected]
-    todo = [s for s in settings if s.name not in collected]
     timing = _timed(cfg, settings)
     if cfg.partial and timing is None and (cfg.out / "table1_cells" / "timing.json").exists():
         timing = json.loads((cfg.out / "table1_cells" / "timing.json").read_text())
-    server = Server(cfg, settings) if cfg.base_url is None and (todo or timing is None) else None
-    base_url = server.base_url if server else cfg.base_url
-    keys = server.keys if server else {s.name: s.api_key or "EMPTY" for s in settings}
-    try:
-        for s in todo:
-            log.info("collecting %s through %s", s.name, base_url)
-            collected[s.name] = collect_setting(cfg, s, base_url, keys[s.name])
-        if timing is None:
-            log.info("timing %d settings: %d interleaved rounds of %d prompts", len(settings), cfg.timing_rounds,
-                     cfg.timing_prompts)
-            timing = time_settings(cfg, settings, base_url, keys)
-    finally:
-        if server:
-            server.close()  # frees the engine's memory for training and evaluation
+    if timing is None or len(collected) < len(settings):
+        for proxy, group in server_groups(settings).items():
+            _serve(cfg, proxy, group, collected)
+        timing = _timed(cfg, settings)
     for s in settings:
         fidelity = cfg.work / s.name / "fidelity.json"
         if fidelity.exists():
