@@ -35,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--proxy", default=None)
     o.add_argument("--no-limit", action="store_true", help="skip serving the proxy alone")
     o.add_argument("--proxy-runners", default="transformers,vllm",
-                   help="comma-separated: one server per runner, measured side by side (arms MODE@vllm)")
+                   help="comma-separated: one server per runner, measured side by side (arms MODE@vllm): "
+                        "transformers, vllm, vllm-separate (vllm without the shared trunk), plain (vLLM's own "
+                        "server on the teacher, no defense: the baseline where present)")
+    o.add_argument("--modes", default=",".join(("none", "poe", "ads")),
+                   help="comma-separated tiers measured on each defended server")
     o.add_argument("--reference", action="store_true",
                    help="also time the reference approach (HF generate + proxy logits processor)")
     o.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -130,7 +134,7 @@ def _quiet() -> None:
 
 def _overhead(args: argparse.Namespace) -> int:
     _quiet()
-    from distillgame.bench.overhead import BenchConfig, run_overhead
+    from distillgame.bench.overhead import MODES, RUNNERS, BenchConfig, run_overhead
 
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     if args.concurrency:
@@ -142,6 +146,10 @@ def _overhead(args: argparse.Namespace) -> int:
     cfg.gamma, cfg.lam, cfg.teacher, cfg.proxy = args.gamma, args.lam, args.teacher, args.proxy
     cfg.limit = not args.no_limit
     cfg.proxy_runners = [r for r in args.proxy_runners.split(",") if r]
+    cfg.modes = [m for m in args.modes.split(",") if m]
+    bad = sorted(set(cfg.proxy_runners) - set(RUNNERS)) + sorted(set(cfg.modes) - set(MODES))
+    if bad:
+        raise SystemExit(f"unknown runner or mode {bad}; runners: {list(RUNNERS)}, modes: {list(MODES)}")
     report = run_overhead(cfg, args.out, url=args.url, command=_command(), note=args.note)
     from distillgame.bench.overhead import markdown
 

@@ -14,7 +14,11 @@ finish. Per runner it reports:
   (``max_num_seqs x max_model_len x bytes per token``), live or not;
 - both: vLLM's KV capacity in tokens for the same KV bytes. On the vllm runner
   every block also holds the proxy's layers, so the capacity is the teacher's
-  alone times ``teacher_bpt / (teacher_bpt + proxy_bpt)``: vLLM counts the proxy.
+  alone times ``teacher_bpt / (teacher_bpt + proxy_bpt)``: vLLM counts the proxy;
+- ``vllm`` with a proxy that is an early exit of the teacher (the embedded
+  one) runs it on the teacher's trunk (:mod:`distillgame.plugins.early_exit`):
+  no proxy pages at all, the capacity is the teacher's alone.
+  ``vllm-separate`` is the same runner with the shared trunk off.
 
 Per worker it also reports what each tensor-parallel rank holds: the
 teacher's and the proxy's KV pages in vLLM's pool and the proxy's dense slots
@@ -49,10 +53,13 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from distillgame.engine import EngineConfig, build_llm
 
+    separate = runner == "vllm-separate"
     llm = build_llm(EngineConfig(teacher=args.teacher, proxy=args.proxy, dtype=args.dtype,
                                  max_model_len=args.max_model_len, max_num_seqs=args.requests,
                                  kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), disable_log_stats=False,
-                                 proxy_runner=runner, tensor_parallel_size=args.tensor_parallel_size))
+                                 proxy_runner="vllm" if separate else runner,
+                                 extra_defense={"shared_trunk": False} if separate else {},
+                                 tensor_parallel_size=args.tensor_parallel_size))
     try:
         per_rank = llm.collective_rpc("distillgame_kv_layout")
         layout = per_rank[0]
@@ -78,11 +85,12 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
         usable = layout["num_blocks"] - 1  # vLLM's usage leaves out its null block
         peak_blocks = round(peak * usable)  # the gauge is a fraction despite its name
         return {
-            "runner": runner, "num_blocks": layout["num_blocks"], "block_size": block,
+            "runner": runner, "shared_trunk_layer": layout.get("shared_trunk_layer"),
+            "num_blocks": layout["num_blocks"], "block_size": block,
             "capacity_tokens": layout["num_blocks"] * block,
             "teacher_bytes_per_token": teacher_page / block, "proxy_bytes_per_token_paged": proxy_page / block,
             "peak_usage": peak, "peak_blocks": peak_blocks, "steps": steps,
-            "proxy_live_bytes": peak_blocks * proxy_page if proxy_page else None,
+            "proxy_live_bytes": peak_blocks * proxy_page if runner != "transformers" else None,
             "dense_proxy_bytes": layout["dense_proxy_bytes"],
             "tensor_parallel_size": args.tensor_parallel_size,
             "ranks": [_rank_memory(rank, layout["num_blocks"]) for rank in per_rank],
@@ -123,8 +131,9 @@ def markdown(report: dict[str, Any]) -> str:
               "teacher + proxy bytes per token in vLLM's pool |",
               "|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        held = r["proxy_live_bytes"] if r["runner"] == "vllm" else r["dense_proxy_bytes"]
-        what = "live blocks (peak)" if r["runner"] == "vllm" else "dense slots (from start)"
+        held = _held(r)
+        what = ("none: shared trunk" if r.get("shared_trunk_layer") else
+                "dense slots (from start)" if r["runner"] == "transformers" else "live blocks (peak)")
         lines.append(f"| {r['runner']} | {held / 2**20:.1f} MiB ({what}) | {held / target:.3f} | "
                      f"{r['capacity_tokens']:,} | {r['num_blocks']} x {r['block_size']} | "
                      f"{r['teacher_bytes_per_token']:.0f} + {r['proxy_bytes_per_token_paged']:.0f} |")
@@ -139,24 +148,35 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{k['proxy_kv_pool_bytes'] / 2**20:.2f} | {k['proxy_dense_kv_bytes'] / 2**20:.2f} | "
                          f"{per_token:.0f} |")
     runs = {r["runner"]: r for r in report["runs"]}
-    if {"vllm", "transformers"} <= set(runs):
-        v, t = runs["vllm"], runs["transformers"]
-        expect = t["teacher_bytes_per_token"] / (v["teacher_bytes_per_token"] + v["proxy_bytes_per_token_paged"])
-        lines += ["", f"Capacity ratio vllm / transformers: {v['capacity_tokens'] / t['capacity_tokens']:.3f} "
-                  f"(teacher_bpt / (teacher_bpt + proxy_bpt) = {expect:.3f}): vLLM's block count pays for the "
-                  "proxy's pages; the dense runner's memory sits outside vLLM's accounting."]
+    if "transformers" in runs:
+        t = runs["transformers"]
+        for name in ("vllm", "vllm-separate"):
+            if name not in runs:
+                continue
+            v = runs[name]
+            expect = t["teacher_bytes_per_token"] / (v["teacher_bytes_per_token"] + v["proxy_bytes_per_token_paged"])
+            lines += ["", f"Capacity ratio {name} / transformers (the undefended engine's pool): "
+                      f"{v['capacity_tokens'] / t['capacity_tokens']:.3f} (teacher_bpt / (teacher_bpt + proxy_bpt) = "
+                      f"{expect:.3f})" + (f"; shared trunk after layer {v['shared_trunk_layer']}: no proxy pages."
+                                          if v.get("shared_trunk_layer") else
+                                          ": vLLM's block count pays for the proxy's pages.")]
+        lines += ["", "The dense runner's memory sits outside vLLM's accounting."]
     return "\n".join(lines + [""])
+
+
+def _held(run: dict[str, Any]) -> int:
+    """The proxy KV a run held: its live pages on the vllm runners, its dense slots on transformers."""
+    return run["dense_proxy_bytes"] if run["runner"] == "transformers" else (run["proxy_live_bytes"] or 0)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     target = report["requests"] * report["tokens"] * report["proxy_bytes_per_token"]
     labels, values = ["target (live tokens)"], [target / 2**20]
     for r in report["runs"]:
-        held = r["proxy_live_bytes"] if r["runner"] == "vllm" else r["dense_proxy_bytes"]
         labels.append(r["runner"])
-        values.append(held / 2**20)
+        values.append(_held(r) / 2**20)
     fig, ax = axes((5, 3.5))
-    ax.bar(labels, values, color=["gray", "tab:blue", "tab:orange"][: len(values)])
+    ax.bar(labels, values, color=["gray", "tab:blue", "tab:orange", "tab:green"][: len(values)])
     ax.set_ylabel("proxy KV (MiB)")
     ax.set_title(f"{report['requests']} requests x {report['tokens']} tokens")
     save_figure(fig, path)

@@ -26,9 +26,15 @@ together and measured in the same interleaved rounds. ``transformers`` runs
 PoE's proxy beside the engine with its own dense KV cache, for defended rows
 only; ``vllm`` runs it as a vLLM model with the teacher, its KV in the
 engine's paged cache, on every scheduled token (:mod:`distillgame.plugins.paged_proxy`).
-Arms of the second are named ``MODE@vllm``. The undefended baseline of every
-ratio is the ``none`` tier of the transformers server, i.e. the teacher alone;
-the proxy-alone server also runs on transformers, so ``t_p`` is the proxy alone.
+Arms of the second are named ``MODE@vllm``. On ``vllm`` a proxy that is an
+early exit of the teacher (the embedded one) reads the teacher's own trunk
+(:mod:`distillgame.plugins.early_exit`); ``vllm-separate`` runs the same proxy
+on vLLM's layers as a model of its own (``--no-shared-trunk``), and ``plain``
+is vLLM's own server on the teacher, with no defense in the engine (its one
+arm is ``none@plain``). The undefended baseline of every ratio is ``none@plain``
+where that server runs, else the ``none`` tier of the transformers server (the
+teacher alone, with the processor's bookkeeping); the proxy-alone server runs
+on transformers, so ``t_p`` is the proxy alone.
 
 Not for: the reference (HF ``generate``) comparison, see
 :mod:`distillgame.bench.reference_hf`.
@@ -57,6 +63,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "poe", "ads")
+RUNNERS = ("transformers", "vllm", "vllm-separate", "plain")
+PLAIN = "plain"
 PAPER_NORMALIZED = {"poe": 1.49, "ads": 4.5}
 PAPER_RATIO = {"poe": 1.64, "ads": 2.93}
 PROXY_FACTOR = {"none": 0, "poe": 1, "ads": 2}  # proxy forwards per step
@@ -129,6 +137,8 @@ class BenchConfig:
     limit: bool = True  # also serve the proxy alone for t_p
     # One server per runner, measured side by side (see the module docstring).
     proxy_runners: list[str] = field(default_factory=lambda: ["transformers", "vllm"])
+    # The tiers measured on each defended server.
+    modes: list[str] = field(default_factory=lambda: list(MODES))
 
     @classmethod
     def quick(cls) -> "BenchConfig":
@@ -188,10 +198,11 @@ def free_port() -> int:
 class Server:
     """A ``distillgame serve`` subprocess on a free port (stopped with SIGTERM)."""
 
-    def __init__(self, args: list[str], log_file: Path) -> None:
+    def __init__(self, args: list[str], log_file: Path, app: list[str] | None = None) -> None:
         self.port = free_port()
         self.log_file = log_file
-        cmd = [sys.executable, "-m", "distillgame.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        app = app or ["distillgame.cli", "serve"]
+        cmd = [sys.executable, "-m", *app, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.command = cmd
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_USE_V2_MODEL_RUNNER="0")
         self._log = open(log_file, "wb")
@@ -304,6 +315,8 @@ def aggregate(walls: list[float], samples: list[RequestSample], round_tokens: li
 
 def endpoints_of(url: str, modes: list[str], runner: str = "transformers") -> dict[str, tuple[str, str]]:
     """The arms of one server: arm name -> (base URL, API key of the mode's tier)."""
+    if runner == PLAIN:
+        return {arm_name("none", runner): (url, KEYS["none"])}
     return {arm_name(m, runner): (url, KEYS[m]) for m in modes}
 
 
@@ -381,9 +394,11 @@ def build_report(teacher: dict[int, dict[str, ModeStats]], proxy: dict[int, dict
                  cfg: BenchConfig, command: str, note: str = "") -> dict[str, Any]:
     rows = []
     for c, by_mode in teacher.items():
-        # The teacher alone: the transformers server's undefended tier (a vllm-runner
-        # server runs the proxy on undefended rows too).
-        base = by_mode["none"] if "none" in by_mode else next(v for k, v in by_mode.items() if arm_mode(k) == "none")
+        # The teacher alone: vLLM's own server where it ran, else the transformers server's
+        # undefended tier (a vllm-runner server may run the proxy on undefended rows too).
+        base_arm = next((a for a in (arm_name("none", PLAIN), "none") if a in by_mode),
+                        next(k for k in by_mode if arm_mode(k) == "none"))
+        base = by_mode[base_arm]
         tp_over_tt = None
         if proxy is not None and c in proxy:
             # time per token ratio = inverse throughput ratio, same harness, same concurrency
@@ -392,7 +407,7 @@ def build_report(teacher: dict[int, dict[str, ModeStats]], proxy: dict[int, dict
             ratio = base.tok_per_s / st.tok_per_s
             runner = m.split("@", 1)[1] if "@" in m else "transformers"
             row: dict[str, Any] = {
-                "mode": m, "runner": runner, "concurrency": c, "ratio": ratio, **asdict(st),
+                "mode": m, "runner": runner, "concurrency": c, "ratio": ratio, "base": base_arm, **asdict(st),
                 "tpot_ratio_p50": st.tpot_p50 / base.tpot_p50 if base.tpot_p50 else None,
                 "tp_over_tt": tp_over_tt,
                 # The same ratio within each round (the arms of a round ran back to back): its
@@ -465,9 +480,12 @@ def markdown(report: dict[str, Any]) -> str:
                   "| conc | tok/s | TPOT p50 (ms) |", "|---|---|---|"]
         for p in report["proxy_alone"]:
             lines.append(f"| {p['concurrency']} | {p['tok_per_s']:.1f} | {1000 * p['tpot_p50']:.1f} |")
-    lines += ["", "ratio = undefended tok/s (the teacher alone: `none` on the transformers-runner server) / "
-              "mode tok/s (same run, interleaved rounds); `MODE@vllm`: the server whose proxy runs on vLLM's "
-              "layers and paged KV cache (on every scheduled token, so `none@vllm` pays it too); limit = 1 + k t_p/t_t "
+    bases = sorted({r.get("base", "none") for r in report["results"]})
+    lines += ["", f"ratio = undefended tok/s (the teacher alone: `{'`, `'.join(bases)}`) / "
+              "mode tok/s (same run, interleaved rounds); `none@plain`: vLLM's own server on the teacher, no "
+              "defense in the engine; `MODE@vllm`: the server whose proxy runs on vLLM's layers (an early exit of "
+              "the teacher on the teacher's own trunk), `MODE@vllm-separate`: the same proxy as a model of its own "
+              "with its paged KV (on every scheduled token, so its `none` pays it too); limit = 1 + k t_p/t_t "
               "(k = 1 PoE, 2 ADS); by round: the lowest and highest ratio/limit of single rounds; "
               "normalized = (ratio - 1) / (t_p/t_t). Paper (7B teacher, 3B proxy): "
               "ratio 1.64 PoE / 2.93 ADS, normalized 1.49 / 4.5.", ""]
@@ -547,9 +565,13 @@ def write_report(report: dict[str, Any], out_dir: Path, stem: str = "overhead") 
 
 def server_args(cfg: BenchConfig, policy: Path, teacher: str | None, proxy: str | None, ads_grad: Path | None,
                 runner: str = "transformers") -> list[str]:
-    args = ["--policy", str(policy), "--proxy-runner", runner, "--max-model-len", str(cfg.max_model_len),
+    separate = runner == "vllm-separate"
+    args = ["--policy", str(policy), "--proxy-runner", "vllm" if separate else runner,
+            "--max-model-len", str(cfg.max_model_len),
             "--max-num-seqs", str(max(cfg.concurrencies)), "--memory-share", "0.1",
             "--kv-cache-gib", str(cfg.kv_cache_gib), "--dtype", cfg.dtype]
+    if separate:
+        args.append("--no-shared-trunk")
     if teacher:
         args += ["--teacher", teacher]
     if proxy:
@@ -557,6 +579,23 @@ def server_args(cfg: BenchConfig, policy: Path, teacher: str | None, proxy: str 
     if ads_grad is not None:
         args += ["--ads-grad", str(ads_grad)]
     return args
+
+
+def plain_server_args(cfg: BenchConfig) -> list[str]:
+    """vLLM's own server on the teacher with the defended servers' engine settings, and no defense."""
+    from distillgame import models
+    from distillgame.engine import EngineConfig
+
+    engine = EngineConfig(teacher=models.resolve(cfg.teacher, "teacher"), proxy=models.resolve(cfg.proxy, "proxy"),
+                          dtype=cfg.dtype, max_model_len=cfg.max_model_len, max_num_seqs=max(cfg.concurrencies),
+                          memory_share=0.1, kv_cache_bytes=int(cfg.kv_cache_gib * (1 << 30)), proxy_runner="transformers",
+                          disable_log_stats=False)
+    argv = engine.server_args()
+    for flag in ("--additional-config", "--hf-overrides"):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i: i + 2]
+    return argv
 
 
 def run_overhead(cfg: BenchConfig, out_dir: Path, url: str | None = None, command: str = "", note: str = "",
@@ -576,8 +615,11 @@ def run_overhead(cfg: BenchConfig, out_dir: Path, url: str | None = None, comman
         try:
             # Every runner's server up at once, so their arms share the interleaved rounds.
             for runner in cfg.proxy_runners:
-                servers[runner] = Server(server_args(cfg, policy, cfg.teacher, cfg.proxy, grad, runner),
-                                         work / f"serve-teacher-{runner}.log")
+                log = work / f"serve-teacher-{runner}.log"
+                if runner == PLAIN:
+                    servers[runner] = Server(plain_server_args(cfg), log, app=["vllm.entrypoints.openai.api_server"])
+                else:
+                    servers[runner] = Server(server_args(cfg, policy, cfg.teacher, cfg.proxy, grad, runner), log)
             if cfg.limit:
                 # The floor's proxy alone is one more arm of the same rounds, so load that comes
                 # and goes reaches the floor as it reaches the modes.
@@ -590,7 +632,7 @@ def run_overhead(cfg: BenchConfig, out_dir: Path, url: str | None = None, comman
                 if name == PROXY_ARM:
                     endpoints[PROXY_ARM] = (server.url, KEYS["none"])
                 else:
-                    endpoints.update(endpoints_of(server.url, list(MODES), name))
+                    endpoints.update(endpoints_of(server.url, list(cfg.modes), name))
             teacher_stats = asyncio.run(measure(endpoints, cfg, label="teacher"))
         finally:
             for server in servers.values():

@@ -1,6 +1,7 @@
 """Where a PoE engine step goes on the vLLM-layer proxy path: a torch profile, per part.
 
-Starts one engine per proxy runner (the embedded pair by default) with vLLM's
+Starts one engine per proxy runner (the embedded pair by default; ``vllm-separate``
+is the vllm runner with the shared trunk off, so an early-exit proxy runs its own layers) with vLLM's
 torch profiler on, warms it up, and profiles ``--tokens`` decode steps of a
 batch of ``--batch`` PoE requests. The defended model and the processor label
 their parts (``record_function``): ``distillgame.teacher_forward``,
@@ -60,7 +61,8 @@ def profile(runner: str, args: argparse.Namespace, trace_dir: Path) -> dict[str,
     trace_dir.mkdir(parents=True, exist_ok=True)
     llm = build_llm(EngineConfig(
         teacher=args.teacher, proxy=args.proxy, dtype=args.dtype, max_model_len=512, max_num_seqs=args.batch,
-        kv_cache_bytes=256 << 20, proxy_runner=runner,
+        kv_cache_bytes=256 << 20, proxy_runner="vllm" if runner == "vllm-separate" else runner,
+        extra_defense={"shared_trunk": False} if runner == "vllm-separate" else {},
         engine_overrides={"profiler_config": {"profiler": "torch", "torch_profiler_dir": str(trace_dir.resolve())}}))
     try:
         prompt = [{"prompt_token_ids": list(range(1000, 1000 + args.prompt_len))}] * args.batch

@@ -48,10 +48,13 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from distillgame.plugins import early_exit
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so the choice of path shows in the server's log beside vLLM's own lines.
+logger = logging.getLogger("vllm.distillgame.paged_proxy")
 
 ARCHITECTURE = "DistillgameDefendedForCausalLM"
 # hf_config attribute holding the teacher's own architectures under hf_overrides.
@@ -174,15 +177,64 @@ class DefendedForCausalLM(nn.Module):
         self.teacher_hidden = model_config.get_hidden_size()
 
         self.proxy_config = proxy_model_config(vllm_config, settings.proxy, settings.dtype)
+        self.proxy_dtype = self.proxy_config.dtype
+        self.proxy_hidden = self.proxy_config.get_hidden_size()
+        self.channel = _CHANNELS[id(vllm_config)] = ProxyLogits()
+        self.early_exit, why = self._find_early_exit(settings, model_config)
+        if self.early_exit is not None:
+            self._init_shared_trunk(self.early_exit)
+            logger.info("defended model: proxy %s is an early exit of teacher %s (%s): shared trunk, the proxy's "
+                        "norm and head read the teacher's state after layer %d; no proxy layers, no proxy KV",
+                        settings.proxy, teacher_archs[0], why, self.early_exit.layer)
+            return
         # Quantization is the teacher's; the proxy loads as its checkpoint is.
         proxy_vllm_config = replace(vllm_config, model_config=self.proxy_config, quant_config=None)
         with set_model_tag(PROXY_PREFIX):
             self.proxy = initialize_model(proxy_vllm_config, prefix=PROXY_PREFIX, model_config=self.proxy_config)
-        self.proxy_dtype = self.proxy_config.dtype
-        self.proxy_hidden = self.proxy_config.get_hidden_size()
-        self.channel = _CHANNELS[id(vllm_config)] = ProxyLogits()
-        logger.info("defended model: teacher %s and proxy %s (%s, %s) in one vLLM model, proxy KV in vLLM's cache",
-                    teacher_archs[0], settings.proxy, self.proxy_config.architecture, self.proxy_dtype)
+        logger.info("defended model: teacher %s and proxy %s (%s, %s) in one vLLM model, proxy KV in vLLM's cache "
+                    "(not a shared trunk: %s)", teacher_archs[0], settings.proxy, self.proxy_config.architecture,
+                    self.proxy_dtype, why)
+
+    def _find_early_exit(self, settings: Any, model_config: Any) -> tuple[early_exit.EarlyExit | None, str]:
+        """The proxy's exit layer where the shared trunk can serve it (see :mod:`early_exit`), and why (not)."""
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        if not settings.shared_trunk:
+            return None, "shared_trunk is off"
+        if self.proxy_dtype != self.teacher_dtype:
+            return None, f"the proxy runs in {self.proxy_dtype}, the teacher in {self.teacher_dtype}"
+        # vLLM's EAGLE-3 interface is how a model hands out its state after a given layer.
+        if not supports_eagle3(self.teacher) or not hasattr(getattr(self.teacher, "model", None), "norm"):
+            return None, f"{type(self.teacher).__name__} exposes no intermediate states (vLLM's SupportsEagle3)"
+        folders = [early_exit.local_folder(m, getattr(c, "revision", None))
+                   for m, c in ((model_config.model, model_config), (settings.proxy, self.proxy_config))]
+        if None in folders:
+            return None, "the teacher's or the proxy's checkpoint is not on this machine"
+        found, why = early_exit.find_early_exit(*folders)
+        if found is None:
+            return None, why
+        needed = {early_exit.FINAL_NORM} | (set() if found.tied_head else {early_exit.HEAD})
+        if set(found.head_tensors) != needed:
+            return None, f"its own tensors are {list(found.head_tensors)}, not a final norm and a head"
+        self._proxy_folder = folders[1]
+        return found, why
+
+    def _init_shared_trunk(self, found: early_exit.EarlyExit) -> None:
+        """The proxy's final norm and head, on the teacher's state after layer ``found.layer``."""
+        import copy
+
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        hf = self.proxy_config.hf_config
+        self.proxy_norm = copy.deepcopy(self.teacher.model.norm)
+        if found.tied_head:
+            # Tied to the proxy's embedding, which is the teacher's (checked): one copy in memory.
+            self.proxy_head = self.teacher.model.embed_tokens
+        else:
+            self.proxy_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, prefix=f"{PROXY_PREFIX}.lm_head")
+        self.proxy_logits = LogitsProcessor(hf.vocab_size, scale=getattr(hf, "logit_scale", 1.0))
+        self.teacher.set_aux_hidden_state_layers((found.layer,))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.teacher.embed_input_ids(input_ids)
@@ -195,6 +247,11 @@ class DefendedForCausalLM(nn.Module):
         # The labels name the parts in a torch profile (bench/step_profile.py); free otherwise.
         with record_function("distillgame.teacher_forward"):
             teacher = self.teacher(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if self.early_exit is not None:
+            # The teacher's EAGLE-3 output: its final state and its residual stream after the exit layer.
+            final, (trunk,) = teacher
+            with record_function("distillgame.hidden_concat"):
+                return torch.cat([final, trunk], dim=-1)
         with record_function("distillgame.proxy_forward"):
             proxy = self.proxy(input_ids, positions)
         # Side by side in the wider dtype (a bf16 teacher's states survive float32 exactly).
@@ -210,6 +267,8 @@ class DefendedForCausalLM(nn.Module):
 
     def _proxy_head(self, hidden: torch.Tensor) -> torch.Tensor:
         with record_function("distillgame.proxy_logits"):
+            if self.early_exit is not None:
+                return self.proxy_logits(self.proxy_head, self.proxy_norm(hidden))
             return self.proxy.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -218,9 +277,23 @@ class DefendedForCausalLM(nn.Module):
         from vllm.config import LoadConfig
 
         loaded = {f"teacher.{name}" for name in (self.teacher.load_weights(weights) or ())}
+        if self.early_exit is not None:
+            return loaded | self._load_shared_head()
         loader = DefaultModelLoader(LoadConfig())
         proxy_loaded = self.proxy.load_weights(loader.get_all_weights(self.proxy_config, self.proxy))
         if proxy_loaded is None:
             proxy_loaded = {name for name, _ in self.proxy.named_parameters()}
         loaded |= {f"proxy.{name}" for name in proxy_loaded}
+        return loaded
+
+    def _load_shared_head(self) -> set[str]:
+        """The proxy's final norm and (untied) head, read from its checkpoint; its layers are the teacher's."""
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        tensors = early_exit.read_tensors(self._proxy_folder, self.early_exit.head_tensors)
+        default_weight_loader(self.proxy_norm.weight, tensors[early_exit.FINAL_NORM])
+        loaded = {"proxy_norm.weight"}
+        if not self.early_exit.tied_head:
+            self.proxy_head.weight_loader(self.proxy_head.weight, tensors[early_exit.HEAD])
+            loaded.add("proxy_head.weight")
         return loaded

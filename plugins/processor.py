@@ -83,7 +83,8 @@ from distillgame.plugins.transfers import Staging, SyncAudit, to_host
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so "defense ready" shows in the server's log beside vLLM's own lines.
+logger = logging.getLogger("vllm.distillgame.processor")
 
 # Names of the worker methods (see DefenseWorkerExtension): fidelity counters,
 # and whether a live processor is installed.
@@ -121,6 +122,11 @@ class DefenseSettings:
     # Where PoE's proxy runs when the engine's hf_overrides leave it open:
     # "auto" | "vllm" | "transformers" (distillgame.plugins.vllm_plugin.proxy_overrides).
     proxy_runner: str = "auto"
+    # On vLLM's layers, a proxy that is an early exit of the teacher (its layers
+    # are the teacher's first K, checked on the checkpoints) reads the teacher's
+    # own state after layer K: no proxy layers run and no proxy KV is stored
+    # (distillgame.plugins.early_exit). False runs it as a model of its own.
+    shared_trunk: bool = True
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> "DefenseSettings":
@@ -136,6 +142,8 @@ class DefenseSettings:
             raise ValueError("additional_config['distillgame']['ads_method'] must be 'auto', 'jvp' or 'fd'")
         if section.get("proxy_runner", "auto") not in ("auto", "vllm", "transformers"):
             raise ValueError("additional_config['distillgame']['proxy_runner'] must be 'auto', 'vllm' or 'transformers'")
+        if not isinstance(section.get("shared_trunk", True), bool):
+            raise ValueError("additional_config['distillgame']['shared_trunk'] must be true or false")
         return cls(**section)
 
 
@@ -333,7 +341,8 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             proxy_vocab,
             teacher_vocab,
             self.num_slots,
-            "on vLLM's layers, its KV in the engine's paged cache" if self.paged else
+            "in the engine's model (on the teacher's trunk or on vLLM's layers: the defended model's log line)"
+            if self.paged else
             f"on transformers, KV cache {self.proxy.cache.memory_bytes() / (1 << 30):.2f} GiB "
             f"({self.cache_len} positions per slot)",
             f"on ({self.ads_method}, transformers)" if self.ads_grad is not None else "off",
@@ -655,8 +664,10 @@ class DefenseWorkerExtension:
         with _LIVE_LOCK:
             mine = [p for p in _LIVE if p.active and p.vllm_config is self.vllm_config]
         dense = sum(p.proxy_cache_bytes() for p in mine)
+        exit_ = getattr(getattr(runner, "model", None), "early_exit", None)
         return {"num_blocks": config.num_blocks, "groups": [list(g.layer_names) for g in config.kv_cache_groups],
-                "layers": layers, "dense_proxy_bytes": dense, "tp_rank": _tensor_parallel_rank()}
+                "layers": layers, "dense_proxy_bytes": dense, "tp_rank": _tensor_parallel_rank(),
+                "shared_trunk_layer": exit_.layer if exit_ is not None else None}
 
     def distillgame_sync_audit(self) -> list[dict[str, Any]]:
         """What the audit saw in each live processor with ``sync_audit`` on (see :class:`SyncAudit`)."""

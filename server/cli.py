@@ -88,6 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(vllm; it then runs on every scheduled token, defended or not), beside the engine "
                         "on transformers (only for defended rows), or auto: vllm where vLLM has the proxy's "
                         "architecture and the policy has a PoE tier")
+    p.add_argument("--no-shared-trunk", action="store_true",
+                   help="on the vllm runner, run a proxy that is an early exit of the teacher as a model of its "
+                        "own (its layers and KV) instead of on the teacher's trunk (for comparisons)")
     p.add_argument("--policy", default=None, type=Path,
                    help="policy file (.toml/.yaml): keys -> tiers -> defense; default: no auth, PoE for all")
     p.add_argument("--gamma", type=float, default=None,
@@ -154,7 +157,7 @@ def engine_config(args: argparse.Namespace, policy: "Policy") -> "EngineConfig":
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
         poe_served=any(tier.defense.mode == "poe" for tier in policy.tiers.values()),
-        extra_defense={"ads_method": args.ads_method,
+        extra_defense={"ads_method": args.ads_method, **({"shared_trunk": False} if args.no_shared_trunk else {}),
                        **({"initial_cache_len": args.proxy_cache_len} if args.proxy_cache_len else {})},
     )
 
