@@ -21,7 +21,10 @@ finish. Per runner it reports:
   ``vllm-separate`` is the same runner with the shared trunk off.
 
 Per worker it also reports what each tensor-parallel rank holds: the
-teacher's and the proxy's KV pages in vLLM's pool and the proxy's dense slots
+teacher's and the proxy's weights (each layer's shard on that rank, see
+``distillgame_weight_bytes``; on the transformers runner the proxy beside the
+engine is a full copy per rank), the teacher's and the proxy's KV pages in
+vLLM's pool and the proxy's dense slots
 (``--tensor-parallel-size N``; on CPUs the workers' thread binding is set as
 ``EngineConfig`` sets it).
 
@@ -62,6 +65,7 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
                                  tensor_parallel_size=args.tensor_parallel_size))
     try:
         per_rank = llm.collective_rpc("distillgame_kv_layout")
+        weights = llm.collective_rpc("distillgame_weight_bytes")
         layout = per_rank[0]
         layers = layout["layers"]
         proxy_page = sum(v["page_bytes"] for k, v in layers.items() if k.startswith(PROXY_PREFIX + "."))
@@ -93,7 +97,8 @@ def measure(runner: str, args: argparse.Namespace) -> dict[str, Any]:
             "proxy_live_bytes": peak_blocks * proxy_page if runner != "transformers" else None,
             "dense_proxy_bytes": layout["dense_proxy_bytes"],
             "tensor_parallel_size": args.tensor_parallel_size,
-            "ranks": [_rank_memory(rank, layout["num_blocks"]) for rank in per_rank],
+            "ranks": [{**_rank_memory(rank, layout["num_blocks"]), **{k: v for k, v in w.items() if k != "tp_rank"}}
+                      for rank, w in zip(per_rank, weights)],
         }
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -138,13 +143,16 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['capacity_tokens']:,} | {r['num_blocks']} x {r['block_size']} | "
                      f"{r['teacher_bytes_per_token']:.0f} + {r['proxy_bytes_per_token_paged']:.0f} |")
     lines += ["", f"Per worker (tensor parallelism {report['runs'][0].get('tensor_parallel_size', 1)}), MiB:", "",
-              "| runner | rank | teacher KV pool | proxy KV pool | proxy dense KV | proxy KV bytes per token |",
-              "|---|---|---|---|---|---|"]
+              "| runner | rank | teacher weights | proxy weights (in the engine's model) | proxy weights (beside it) | "
+              "teacher KV pool | proxy KV pool | proxy dense KV | proxy KV bytes per token |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         for k in r.get("ranks", []):
             per_token = (k["proxy_kv_pool_bytes"] / r["capacity_tokens"] if k["proxy_kv_pool_bytes"]
                          else k["proxy_dense_kv_bytes"] / (report["requests"] * report["max_model_len"]))
-            lines.append(f"| {r['runner']} | {k['tp_rank']} | {k['teacher_kv_pool_bytes'] / 2**20:.2f} | "
+            lines.append(f"| {r['runner']} | {k['tp_rank']} | {k['teacher_bytes'] / 2**20:.2f} | "
+                         f"{k['proxy_bytes'] / 2**20:.2f} | {k['proxy_beside_bytes'] / 2**20:.2f} | "
+                         f"{k['teacher_kv_pool_bytes'] / 2**20:.2f} | "
                          f"{k['proxy_kv_pool_bytes'] / 2**20:.2f} | {k['proxy_dense_kv_bytes'] / 2**20:.2f} | "
                          f"{per_token:.0f} |")
     runs = {r["runner"]: r for r in report["runs"]}

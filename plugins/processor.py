@@ -669,6 +669,34 @@ class DefenseWorkerExtension:
                 "layers": layers, "dense_proxy_bytes": dense, "tp_rank": _tensor_parallel_rank(),
                 "shared_trunk_layer": exit_.layer if exit_ is not None else None}
 
+    def distillgame_weight_bytes(self) -> dict[str, Any]:
+        """The weight bytes this worker holds: the engine model's teacher and proxy parts, and the proxy beside it.
+
+        Read from each layer's per-rank partition (vLLM's ``input_size_per_partition``
+        x ``output_size_per_partition``, the shard this tensor-parallel rank
+        loaded) rather than from torch's parameters: vLLM's CPU kernels repack
+        linear weights into buffers that no parameter holds. The transformers
+        proxy (PoE off the paged path, ADS's runner) is a plain torch module.
+        """
+        model = getattr(self.model_runner, "model", None)
+        parts = {"teacher": 0, "proxy": 0}
+        shared: set[int] = set()  # a tied head holds the embedding's weight: count it once
+        for name, module in model.named_modules() if model is not None else ():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.numel():
+                if weight.untyped_storage().data_ptr() in shared:
+                    continue
+                shared.add(weight.untyped_storage().data_ptr())
+            top = name.split(".", 1)[0]
+            parts["proxy" if top.startswith("proxy") or top == paged_proxy.PROXY_PREFIX else "teacher"] += \
+                _module_weight_bytes(module)
+        with _LIVE_LOCK:
+            mine = [p for p in _LIVE if p.active and p.vllm_config is self.vllm_config]
+        beside = {id(p.proxy_model): p.proxy_model for p in mine if p.proxy_model is not None}
+        return {"tp_rank": _tensor_parallel_rank(), "teacher_bytes": parts["teacher"], "proxy_bytes": parts["proxy"],
+                "proxy_beside_bytes": sum(t.numel() * t.element_size() for m in beside.values()
+                                          for t in m.parameters())}
+
     def distillgame_sync_audit(self) -> list[dict[str, Any]]:
         """What the audit saw in each live processor with ``sync_audit`` on (see :class:`SyncAudit`)."""
         with _LIVE_LOCK:
@@ -694,6 +722,18 @@ class DefenseWorkerExtension:
                 for key, value in stats.items():
                     total[mode][key] += value
         return total
+
+
+def _module_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the weights ``module`` itself (not its children) holds on this rank (buffers such as rotary
+    tables are not weights)."""
+    weight = getattr(module, "weight", None)
+    rows, cols = (getattr(module, "output_size_per_partition", None), getattr(module, "input_size_per_partition", None))
+    if isinstance(weight, torch.Tensor) and rows is not None and cols is not None:
+        bias = getattr(module, "bias", None)
+        bias_bytes = bias.numel() * bias.element_size() if isinstance(bias, torch.Tensor) else 0
+        return rows * cols * weight.element_size() + bias_bytes
+    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
 
 
 def _data_parallel_index(parallel_config: Any) -> int:

@@ -66,6 +66,32 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plain_vllm_server_is_the_baseline_and_vllm_separate_turns_the_shared_trunk_off(tmp_path, tiny_pair):
+    from distillgame.bench.overhead import (BenchConfig, RequestSample, aggregate, build_report, endpoints_of,
+                                            plain_server_args, server_args)
+
+    def stats(tokens: int, wall: float):
+        return aggregate([wall], [RequestSample(ttft=0.1, tpot=0.01, tokens=tokens // 2)] * 2)
+
+    teacher = {8: {"none@plain": stats(100, 1.0), "none@vllm": stats(100, 1.02), "poe@vllm": stats(100, 1.2),
+                   "none@vllm-separate": stats(100, 1.3), "poe@vllm-separate": stats(100, 1.45)}}
+    rows = {r["mode"]: r for r in build_report(teacher, None, BenchConfig.quick(), "x")["results"]}
+    assert {r["base"] for r in rows.values()} == {"none@plain"}
+    assert rows["none@vllm"]["ratio"] == pytest.approx(1.02) and rows["poe@vllm-separate"]["ratio"] == pytest.approx(1.45)
+    assert rows["poe@vllm-separate"]["runner"] == "vllm-separate"
+    assert list(endpoints_of("http://x", ["none", "poe"], "plain")) == ["none@plain"]
+
+    cfg = BenchConfig.quick()
+    cfg.teacher, cfg.proxy = map(str, tiny_pair)
+    plain = plain_server_args(cfg)
+    assert plain[plain.index("--model") + 1] == cfg.teacher
+    assert "--additional-config" not in plain and "--hf-overrides" not in plain
+    assert plain[plain.index("--kv-cache-memory-bytes") + 1] == str(int(cfg.kv_cache_gib * (1 << 30)))
+    separate = server_args(cfg, tmp_path / "policy.toml", cfg.teacher, cfg.proxy, None, "vllm-separate")
+    assert separate[separate.index("--proxy-runner") + 1] == "vllm" and "--no-shared-trunk" in separate
+    assert "--no-shared-trunk" not in server_args(cfg, tmp_path / "policy.toml", cfg.teacher, cfg.proxy, None, "vllm")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_overhead_quick_report(tmp_path):

@@ -83,3 +83,6 @@ def test_serve_keeps_the_proxy_beside_the_engine_for_a_policy_without_poe(tiny_p
     assert kwargs(default_policy())["hf_overrides"]["architectures"] == [ARCHITECTURE]
     # A named runner is the operator's choice, policy or not.
     assert kwargs(load_policy(ads_only), "--proxy-runner", "vllm")["hf_overrides"]["architectures"] == [ARCHITECTURE]
+    # The shared trunk is on unless the operator turns it off.
+    section = lambda *flags: kwargs(default_policy(), *flags)["additional_config"]["distillgame"]  # noqa: E731
+    assert "shared_trunk" not in section() and section("--no-shared-trunk")["shared_trunk"] is False

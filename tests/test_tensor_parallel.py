@@ -148,3 +148,30 @@ def test_the_defense_under_tensor_parallelism_holds_the_oracle_and_counts_tokens
         assert err < TOL, (mode, err)
     # The ADS rows are not the teacher's: the check above would see a dropped tilt.
     assert worst_error(ref, [j for j in jobs if j.defense["mode"] == "ads"], defense_override={"mode": "none"}) > 1e-3
+
+
+def _checkpoint_bytes(folder, keep=lambda name: True) -> int:
+    tensors = load_file(str(folder / "model.safetensors"))
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if keep(name))
+
+
+def test_each_rank_holds_its_shard_of_the_weights_and_the_proxy_where_its_runner_puts_it(tp_llm, split_pair):
+    """Per rank: the teacher's sharded layers (every matrix split in two, the norms whole), and the proxy
+    sharded the same way on the vllm runner, or whole beside the engine on every rank on transformers."""
+    runner, _, llm = tp_llm
+    teacher, proxy = split_pair
+    ranks = sorted(llm.collective_rpc("distillgame_weight_bytes"), key=lambda r: r["tp_rank"])
+    assert [r["tp_rank"] for r in ranks] == list(range(TP))
+    assert ranks[0]["teacher_bytes"] == ranks[1]["teacher_bytes"]
+    whole = lambda name: name.endswith("norm.weight")  # noqa: E731
+    matrices = _checkpoint_bytes(teacher, lambda n: not whole(n))
+    # vLLM pads the vocabulary to a multiple of 64 per shard; everything else splits exactly.
+    assert matrices / TP <= ranks[0]["teacher_bytes"] - _checkpoint_bytes(teacher, whole) <= matrices / TP * 1.2
+    proxy_total = _checkpoint_bytes(proxy)
+    for rank in ranks:
+        if runner == "vllm":
+            assert proxy_total / TP <= rank["proxy_bytes"] < proxy_total * 0.7
+        else:
+            assert rank["proxy_bytes"] == 0
+        # ADS's proxy (and PoE's on transformers) is a whole torch copy on every rank.
+        assert rank["proxy_beside_bytes"] == proxy_total
