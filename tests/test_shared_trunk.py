@@ -16,33 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from distillgame.engine import EngineConfig, build_llm
 from distillgame.plugins.early_exit import find_early_exit
 from distillgame.plugins.paged_proxy import PROXY_PREFIX, is_paged
 from distillgame.plugins.reference import ReferenceModels
 from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
+from tiny_models import make_early_exit
 
 TOL = 1e-4
 EXIT = 1
-
-
-def make_early_exit(teacher: Path, out: Path, layers: int = EXIT, seed: int = 3) -> Path:
-    """``teacher``'s first ``layers`` layers, a random final norm and a random untied head (float32 like it)."""
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.model.norm.weight.copy_(1 + 0.3 * torch.randn(model.model.norm.weight.shape, generator=gen))
-        head = model.get_output_embeddings().weight
-        head.copy_(0.08 * torch.randn(head.shape, generator=gen))
-    model.save_pretrained(str(out), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (teacher / name).exists():
-            (out / name).write_bytes((teacher / name).read_bytes())
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from distillgame.engine import CPU_BIND_ENV, EngineConfig, _numa_nodes, build_llm, cpu_thread_binding
 from distillgame.plugins.reference import ReferenceModels
 from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
-from tiny_models import make_llama, make_tokenizer
+from tiny_models import make_early_exit, make_llama, make_tokenizer
 
 TOL = 1e-4
 TP = 2
@@ -175,3 +175,22 @@ def test_each_rank_holds_its_shard_of_the_weights_and_the_proxy_where_its_runner
             assert rank["proxy_bytes"] == 0
         # ADS's proxy (and PoE's on transformers) is a whole torch copy on every rank.
         assert rank["proxy_beside_bytes"] == proxy_total
+
+
+def test_the_shared_trunk_under_tensor_parallelism_holds_the_oracle(split_pair, tmp_path):
+    """An early exit of the split teacher, its head sharded over the ranks, read off the teacher's trunk."""
+    teacher, _ = split_pair
+    proxy = make_early_exit(teacher, tmp_path / "exit")
+    llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(proxy), dtype="float32", max_model_len=128,
+                                 max_num_seqs=8, memory_share=0.08, tensor_parallel_size=TP,
+                                 num_gpu_blocks_override=8, engine_overrides={"block_size": 32}))
+    try:
+        layouts = llm.collective_rpc("distillgame_kv_layout")
+        assert [layout["shared_trunk_layer"] for layout in layouts] == [1] * TP
+        jobs = [j for j in _jobs(vocab=380) if j.defense["mode"] != "ads"]
+        run_staggered(llm, jobs)
+        err = worst_error(ReferenceModels(teacher, proxy), jobs)
+        print(f"TP={TP}, shared trunk: worst |engine - oracle| logprob {err:.2e}")
+        assert err < TOL
+    finally:
+        shutdown(llm)

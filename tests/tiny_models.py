@@ -141,3 +141,20 @@ def make_thinking_pair(root: Path) -> tuple[Path, Path]:
     for folder in (teacher, proxy):
         steer_to_close_thinking(folder, tok)
     return teacher, proxy
+
+
+def make_early_exit(teacher: Path, out: Path, layers: int = 1, seed: int = 3) -> Path:
+    """An early exit of ``teacher``: its first ``layers`` layers, a random final norm and a random untied head."""
+    model = LlamaForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(1 + 0.3 * torch.randn(model.model.norm.weight.shape, generator=gen))
+        head = model.get_output_embeddings().weight
+        head.copy_(0.08 * torch.randn(head.shape, generator=gen))
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (teacher / name).exists():
+            (out / name).write_bytes((teacher / name).read_bytes())
+    return out
