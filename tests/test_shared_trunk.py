@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm.v1.engine.exceptions import EngineDeadError
 from safetensors.torch import load_file, save_file
 
 from distillgame.engine import EngineConfig, build_llm
@@ -91,7 +92,9 @@ def test_shared_trunk_poe_matches_the_oracle_with_staggered_arrivals(shared_llm,
     ref = ReferenceModels(*exit_pair)
     jobs = _jobs(seed=5, n=12)
     run_staggered(shared_llm, jobs)
-    assert worst_error(ref, jobs) < TOL
+    err = worst_error(ref, jobs)
+    print(f"shared trunk, staggered arrivals: worst |engine - oracle| logprob {err:.2e}")
+    assert err < TOL
     # Not vacuous: the released PoE rows are not the teacher's distribution.
     poe = [j for j in jobs if j.defense["mode"] == "poe" and j.defense["gamma"] >= 0.65]
     assert worst_error(ref, poe, defense_override={"mode": "none"}) > 1e-2
@@ -110,7 +113,9 @@ def test_shared_trunk_poe_holds_across_prefix_cache_hits(shared_llm, exit_pair):
     second = Job(prefix + [13], {"mode": "poe", "gamma": 0.65}, max_tokens=6, temperature=0.9, seed=4)
     run_staggered(shared_llm, [second])
     assert hits() - before >= block
-    assert worst_error(ref, [first, second]) < TOL
+    err = worst_error(ref, [first, second])
+    print(f"shared trunk, prefix-cache hits: worst |engine - oracle| logprob {err:.2e}")
+    assert err < TOL
 
 
 def test_shared_trunk_poe_matches_the_oracle_under_preemption(exit_pair, shared_llm):
@@ -127,7 +132,9 @@ def test_shared_trunk_poe_matches_the_oracle_under_preemption(exit_pair, shared_
             job.arrive_at_step = 0
         run_staggered(small, jobs)
         assert num_preemptions(small) > 0
-        assert worst_error(ReferenceModels(teacher, proxy), jobs) < TOL
+        err = worst_error(ReferenceModels(teacher, proxy), jobs)
+        print(f"shared trunk, preemption: worst |engine - oracle| logprob {err:.2e}")
+        assert err < TOL
     finally:
         shutdown(small)
 
@@ -143,5 +150,32 @@ def test_shared_trunk_off_runs_the_same_proxy_as_a_model_of_its_own(exit_pair):
         jobs = _jobs(seed=7, n=4)
         run_staggered(llm, jobs)
         assert worst_error(ReferenceModels(teacher, proxy), jobs) < TOL
+    finally:
+        shutdown(llm)
+
+
+def test_a_nan_in_the_shared_trunk_proxys_head_fails_the_step_and_releases_nothing(exit_pair, tmp_path):
+    """Fail closed on this path too: the head's logits are checked before the mix, so a PoE row whose proxy
+    answer is not finite stops the engine instead of releasing the teacher's (or a broken) distribution."""
+    teacher, proxy = exit_pair
+    broken = tmp_path / "nan-head"
+    broken.mkdir()
+    for f in proxy.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["lm_head.weight"][7] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    assert find_early_exit(teacher, broken)[0] is not None  # still an early exit: only its head is its own
+    llm = build_llm(EngineConfig(teacher=str(teacher), proxy=str(broken), dtype="float32", max_model_len=128,
+                                 max_num_seqs=4, memory_share=0.12))
+    try:
+        assert llm.collective_rpc("distillgame_kv_layout")[0]["shared_trunk_layer"] == EXIT
+        plain = Job([5, 6, 7], {"mode": "none"}, max_tokens=4)
+        run_staggered(llm, [plain])
+        assert len(plain.tokens) == 4  # rows that never consult the proxy are served
+        poe = Job([5, 6, 7], {"mode": "poe", "gamma": 0.65}, max_tokens=4)
+        with pytest.raises(EngineDeadError):
+            run_staggered(llm, [poe])
+        assert poe.tokens == []
     finally:
         shutdown(llm)
