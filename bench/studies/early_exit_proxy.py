@@ -21,6 +21,9 @@ tables; the commands that filled it are stored in the JSON)::
     .venv/bin/python bench/studies/early_exit_proxy.py --work WORK --calibration exit2_cal.yaml \
         --table OUT/table1.json --out bench/results --finding "..."
 
+Where the calibration's work folder is gone, ``--calibration`` takes the
+committed ``early_exit_proxy.json`` instead and reuses its gammas.
+
 (``docs/attack-harness.md`` has the table commands and ``exit2.yaml``.)
 
 Not for: running anything (the table does) or choosing a gamma automatically.
@@ -43,7 +46,11 @@ ATTACKERS = ("passive", "filter-correct")
 
 
 def calibration(work: Path, config: Path) -> list[dict[str, Any]]:
-    """Per gamma tried: teacher accuracy (greedy test) and the fidelity of its sampled training traces."""
+    """Per gamma tried: teacher accuracy (greedy test) and the fidelity of its sampled training traces.
+
+    ``config`` is the calibration's YAML (read from ``work``) or an earlier report's JSON (its rows reused)."""
+    if config.suffix == ".json":
+        return json.loads(config.read_text())["calibration"]
     out = []
     for s in yaml.safe_load(config.read_text())["settings"]:
         d = work / s["name"]
@@ -98,7 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="the tables' work folder (collections)")
-    ap.add_argument("--calibration", type=Path, required=True, help="the YAML of the gammas tried")
+    ap.add_argument("--calibration", type=Path, required=True, help="the YAML of the gammas tried, or an earlier early_exit_proxy.json")
     ap.add_argument("--table", type=Path, required=True, help="table1.json of the early-exit row's table")
     ap.add_argument("--reference", type=Path, default=REFERENCE, help="table1.json with the trained proxy's row")
     ap.add_argument("--finding", default="", help="one paragraph: what the comparison shows")
