@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32 (quick: 1 8)")
     o.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64)")
     o.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    o.add_argument("--requests-per-slot", type=int, default=None,
+                   help="requests per round and arm = concurrency x this (default 2)")
+    o.add_argument("--min-requests", type=int, default=None,
+                   help="at least this many requests per round and arm (default 2; more steadies low concurrency)")
     o.add_argument("--gamma", type=float, default=0.65)
     o.add_argument("--lam", type=float, default=0.05)
     o.add_argument("--teacher", default=None)
@@ -143,6 +147,10 @@ def _overhead(args: argparse.Namespace) -> int:
         cfg.max_tokens = args.max_tokens
     if args.rounds:
         cfg.rounds = args.rounds
+    if args.requests_per_slot:
+        cfg.requests_per_slot = args.requests_per_slot
+    if args.min_requests:
+        cfg.min_requests = args.min_requests
     cfg.gamma, cfg.lam, cfg.teacher, cfg.proxy = args.gamma, args.lam, args.teacher, args.proxy
     cfg.limit = not args.no_limit
     cfg.proxy_runners = [r for r in args.proxy_runners.split(",") if r]

@@ -124,7 +124,10 @@ class BenchConfig:
     concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
     max_tokens: int = 64
     rounds: int = 3
-    requests_per_slot: int = 2  # requests per round and mode = concurrency * this (at least 2)
+    requests_per_slot: int = 2  # requests per round and mode = concurrency * this (at least min_requests)
+    # At low concurrency a round of 2 requests lasts a few seconds, and one stall of
+    # the machine moves its ratio by 0.1 or more; more requests per round average it out.
+    min_requests: int = 2
     gamma: float = 0.65
     lam: float = 0.05
     eps: float = 1e-4
@@ -337,7 +340,7 @@ async def measure(endpoints: dict[str, tuple[str, str]], cfg: BenchConfig,
     total = len(cfg.concurrencies) * cfg.rounds * len(modes)
     with tqdm(total=total, desc=f"overhead {label}".strip(), disable=None) as bar:
         for c in cfg.concurrencies:
-            n_req = max(2, c * cfg.requests_per_slot)
+            n_req = max(cfg.min_requests, c * cfg.requests_per_slot)
             walls: dict[str, list[float]] = {m: [] for m in modes}
             samples: dict[str, list[RequestSample]] = {m: [] for m in modes}
             round_tokens: dict[str, list[int]] = {m: [] for m in modes}

@@ -111,7 +111,7 @@ def test_time_cost_is_each_settings_wall_over_the_undefended_ones_and_per_token(
     assert costs["ads"]["time_cost"] == pytest.approx(3.0) and costs["ads"]["time_cost_per_token"] == pytest.approx(2.5)
 
 
-def test_attacker_columns_strongest_and_the_better_adaptive_protocol():
+def test_attacker_columns_strongest_and_the_better_adaptive_protocol(tmp_path):
     from distillgame.clients.attack.table import aggregate_attackers, parse_attackers
 
     def cells(*accs, dropped=0):
@@ -132,6 +132,27 @@ def test_attacker_columns_strongest_and_the_better_adaptive_protocol():
     assert abs(row["passive_acc"]["mean"] - 0.32) < 1e-12 and set(row["passive_acc"]) == {"mean", "sem", "n"}
     assert abs(row["adaptive_acc"]["mean"] - 0.29) < 1e-12
     assert abs(row["rel_gain"] - (0.29 / 0.32 - 1)) < 1e-12
+
+    # Students reused from passive's keep why, and the table says it.
+    reused = aggregate_attackers({
+        "passive": cells(0.30, 0.34),
+        "adaptive-released": [{**c, "as_passive": True, "as_passive_why": "its weights are all equal"}
+                              for c in cells(0.30, 0.34)],
+        "filter-degenerate": [{**c, "as_passive": True, "as_passive_why": "its filters drop no trace"}
+                              for c in cells(0.30, 0.34)],
+    })
+    assert reused["attackers"]["adaptive-released"]["as_passive_why"] == "its weights are all equal"
+    assert reused["attackers"]["filter-degenerate"]["as_passive_why"] == "its filters drop no trace"
+    assert "as_passive" not in reused["attackers"]["passive"]
+    from distillgame.clients.attack.table import write_markdown
+
+    result = {"partial": False, "missing_cells": 0, "student_base_acc": 0.0, "command": "x",
+              "config": {"task": "gsm-symbolic-easy", "seeds": 2, "timing_rounds": 3, "timing_prompts": 64},
+              "rows": [{"label": "Standard", "teacher_acc": {"mean": 0.8, "sem": 0.02, "n": 500}, "time_cost": 1.0,
+                        **reused}]}
+    write_markdown(tmp_path / "t.md", result)
+    md = (tmp_path / "t.md").read_text()
+    assert "32.00% ± 2.00 (n=2) (= passive: equal weights) | 32.00% ± 2.00 (n=2) (= passive: 0 dropped) |" in md
 
     only_passive = aggregate_attackers({"passive": cells(0.2)})
     assert only_passive["strongest"] == "passive" and only_passive["adaptive_acc"] is None
@@ -314,6 +335,58 @@ def test_server_child_dies_when_the_table_process_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the server child outlived its killed parent")
+
+
+def test_released_weights_all_equal_make_passive_bit_for_bit_and_are_not_trained_again(tmp_path):
+    """Under full fine-tuning the released protocol's values at theta_0 can all lie beyond the
+    clip on one side (the zoo's: [-143, -14] against a clip of 10); its weights are then all
+    equal and the table reuses passive's students. That is only sound if the two students are
+    the same bit for bit, which this trains and checks; with the clip wide enough to leave the
+    values their spread it must not be reused."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from distillgame.clients.attack.distill import distill
+    from distillgame.clients.attack.table import (
+        Setting, TableConfig, cell_config, released_weights_uniform, val_traces_path,
+    )
+    from test_attack_values import CLEAN, write_traces
+    from tiny_models import make_llama, make_tokenizer
+
+    student = make_llama(tmp_path / "student", make_tokenizer(), hidden=64, heads=1, seed=1)
+    none = Setting("none", {"mode": "none"})
+    (tmp_path / "none").mkdir()
+    write_traces(tmp_path / "none" / "traces.jsonl", CLEAN)
+    write_traces(tmp_path / "none" / "val_traces.jsonl", CLEAN)
+    base = TableConfig(out=tmp_path / "out", work=tmp_path, student=str(student), max_length=96, lora=False,
+                       lr=1e-2, epochs=2, batch_size=3, grad_accum=1, val_acc_n=0)
+    wide = dataclasses.replace(base, clip=1e6, out=tmp_path / "out-wide")
+    assert not released_weights_uniform(wide, none, "adaptive-released")
+    stats = json.loads((wide.out / "table1_cells" / "none" / "released-values.json").read_text())
+    assert stats["a_min"] < stats["a_max"] and stats["w_min"] < 1.0 < stats["w_max"]
+
+    # Every value beyond the clip on the same side (as the zoo's: all negative); exp(beta * -clip)
+    # is not 1, so the weights are exactly 1 only because they are all equal.
+    assert stats["a_max"] < 0
+    cfg = dataclasses.replace(base, clip=-stats["a_max"] / 2)
+    assert released_weights_uniform(cfg, none, "adaptive-released")
+    assert not released_weights_uniform(cfg, none, "passive")  # not the released protocol
+    assert not released_weights_uniform(dataclasses.replace(cfg, lora=True), none, "adaptive-released")
+    written = [json.loads(line) for line in (tmp_path / "none" / "released-values.jsonl").read_text().splitlines()]
+    assert len(written) == len(CLEAN) and {r["weight"] for r in written} == {1.0}
+
+    weights = {}
+    for name in ("passive", "adaptive-released"):
+        dcfg = cell_config(cfg, name, 3, tmp_path / name)
+        distill(dataclasses.replace(dcfg, save_merged=False), tmp_path / "none" / "traces.jsonl",
+                val_traces=val_traces_path(cfg) if name != "passive" else None)
+        weights[name] = load_file(str(tmp_path / name / "merged" / "model.safetensors"))
+    assert weights["passive"].keys() == weights["adaptive-released"].keys()
+    assert all(torch.equal(weights["passive"][k], weights["adaptive-released"][k]) for k in weights["passive"])
+    initial = load_file(str(student / "model.safetensors"))
+    assert any(not torch.equal(initial[k], weights["passive"][k]) for k in initial if k in weights["passive"])
 
 
 def test_a_filter_that_drops_nothing_is_passive_bit_for_bit_and_is_not_trained_again(tmp_path):

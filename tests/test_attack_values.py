@@ -130,6 +130,11 @@ def test_released_weights_have_mean_one_and_respect_the_clip():
     w = released_weights(a, 0.5, 10.0)
     assert w[0] == w[1] and w[5] == w[6]  # beyond the clip, no further weight
     assert torch.equal(released_weights(torch.zeros(4), 0.5, 10.0), torch.ones(4, dtype=torch.float64))
+    # All beyond the clip on one side (the zoo's values under full fine-tuning, [-143, -14]):
+    # exactly 1 each, not exp(-5) / mean(exp(-5), ...), which can be 1 +- 1 ulp.
+    beyond = torch.tensor([-143.0, -50.0, -14.0, -37.5, -11.0, -99.0, -20.0], dtype=torch.float64)
+    assert torch.equal(released_weights(beyond, 0.5, 10.0), torch.ones(7, dtype=torch.float64))
+    assert torch.equal(released_weights(a, 0.0, 10.0), torch.ones(7, dtype=torch.float64))
 
 
 def test_value_sign_minus_one_flips_the_order_of_the_weights(student, tmp_path):

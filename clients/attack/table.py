@@ -705,9 +705,15 @@ def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str
 
     from tqdm import tqdm
 
-    as_passive = {(s.name, a) for s in settings for a in cfg.attackers if filters_drop_nothing(cfg, s, a)}
-    for name, a in sorted(as_passive):
-        log.info("%s %s: its filters drop no trace, so its students are passive's (not trained again)", name, a)
+    as_passive: dict[tuple[str, str], str] = {}
+    for s in settings:
+        for a in cfg.attackers:
+            if filters_drop_nothing(cfg, s, a):
+                as_passive[(s.name, a)] = "its filters drop no trace"
+            elif released_weights_uniform(cfg, s, a):
+                as_passive[(s.name, a)] = "its weights are all equal"
+    for (name, a), why in sorted(as_passive.items()):
+        log.info("%s %s: %s, so its students are passive's (not trained again)", name, a, why)
     cells = [(s, a, seed) for s, a, seed in table_cells(cfg, settings) if (s.name, a) not in as_passive]
     out: dict[str, dict[str, list[Any]]] = {s.name: {a: [None] * cfg.seeds for a in cfg.attackers} for s in settings}
     todo = []
@@ -724,8 +730,9 @@ def distill_all(cfg: TableConfig, settings: list[Setting]) -> dict[str, dict[str
                 s, a, seed = futures[fut]
                 out[s.name][a][seed] = fut.result()
                 log.info("%s %s seed %d: accuracy %.3f", s.name, a, seed, out[s.name][a][seed]["acc"])
-    for name, a in as_passive:
-        out[name][a] = [None if c is None else {**c, "dropped": 0, "as_passive": True} for c in out[name]["passive"]]
+    for (name, a), why in as_passive.items():
+        out[name][a] = [None if c is None else {**c, "dropped": 0, "as_passive": True, "as_passive_why": why}
+                        for c in out[name]["passive"]]
     return out  # type: ignore[return-value]
 
 
@@ -748,6 +755,42 @@ def filters_drop_nothing(cfg: TableConfig, setting: Setting, attacker: str) -> b
     return not any(dropped.values())
 
 
+def released_weights_uniform(cfg: TableConfig, setting: Setting, attacker: str) -> bool:
+    """Whether ``attacker`` is the released protocol and its fixed weights on ``setting``'s
+    traces are all equal (every value ``a`` beyond the clip on the same side, as under full
+    fine-tuning of the zoo's student, where ``|a|`` exceeds 10 on every trace).
+
+    Such a student trains with weights of exactly 1 on passive's examples, in passive's
+    order, from passive's seed: it is passive's student bit for bit (tested). Only under
+    full fine-tuning, where theta_0 (and so ``a``) is the same for every seed; with LoRA
+    the adapters' initialization is the seed's. The values are computed once per setting:
+    per trace in ``WORK/SETTING/released-values.jsonl``, their statistics next to the
+    cells (``OUT/table1_cells/SETTING/released-values.json``, which a partial table reads).
+    """
+    spec = ATTACKERS[attacker]
+    if cfg.lora or spec.get("weighting") != "released" or spec.get("placebo"):
+        return False
+    d = cfg.work / setting.name
+    stats_path = cfg.out / "table1_cells" / setting.name / "released-values.json"
+    key = cell_key(cfg, attacker, 0)
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    if stats is None or stats.get("key") != key:
+        if not (d / "traces.jsonl").exists():
+            return False  # partial, traces gone: the cells decide
+        from .distill import values
+
+        log.info("%s: the released protocol's values at theta_0 (one pass over %s)", setting.name, d / "traces.jsonl")
+        stats = values(cell_config(cfg, attacker, 0, d), d / "traces.jsonl", d / "released-values.jsonl",
+                       val_traces=val_traces_path(cfg), val_task=cfg.task, val_split="validation", val_n=cfg.n_val)
+        stats["key"] = key
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        stats_path.write_text(json.dumps(stats, indent=1))
+    log.info("%s %s: values in [%.3g, %.3g], %.0f%% beyond the clip of %g, weights in [%.6g, %.6g]", setting.name,
+             attacker, stats["a_min"], stats["a_max"], 100 * stats["frac_clipped"], cfg.clip, stats["w_min"],
+             stats["w_max"])
+    return stats["w_min"] == stats["w_max"] == 1.0
+
+
 def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """One row's attacker columns from its cells ``{attacker: [{"acc", "dropped"} per seed]}``.
 
@@ -759,7 +802,8 @@ def aggregate_attackers(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any
     cells = {a: [c for c in runs if c is not None] for a, runs in cells.items()}
     attackers = {
         a: {**mean_sem([c["acc"] for c in runs]), "dropped": max(c["dropped"] for c in runs),
-            **({"as_passive": True} if all(c.get("as_passive") for c in runs) else {})}
+            **({"as_passive": True, "as_passive_why": runs[0].get("as_passive_why", "its filters drop no trace")}
+               if all(c.get("as_passive") for c in runs) else {})}
         for a, runs in cells.items() if runs
     }
     candidates = [a for a in attackers if a not in CONTROLS]
@@ -781,6 +825,11 @@ def mean_sem(xs: list[float]) -> dict[str, float | int]:
     mean = sum(xs) / n
     sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
     return {"mean": mean, "sem": sem, "n": n}
+
+
+def _why_passive(attacker: dict[str, Any]) -> str:
+    why = attacker.get("as_passive_why", "its filters drop no trace")
+    return "0 dropped" if why == "its filters drop no trace" else "equal weights"
 
 
 def _pct(m: dict) -> str:
@@ -818,7 +867,8 @@ def write_markdown(path: Path, result: dict) -> None:
         cells = ["–" if a not in r["attackers"] else
                  f"{_pct(r['attackers'][a])} (n={r['attackers'][a]['n']})"
                  + (f" (-{r['attackers'][a]['dropped']})" if r["attackers"][a]["dropped"]
-                 else " (= passive: 0 dropped)" if r["attackers"][a].get("as_passive") else "") for a in names]
+                 else f" (= passive: {_why_passive(r['attackers'][a])})" if r["attackers"][a].get("as_passive")
+                 else "") for a in names]
         rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     rows += ["", "Accuracies: mean ± standard error over seeds (teacher: one greedy pass, sem = sqrt(p(1-p)/n)).",
              "Adaptive = the better of the two adaptive protocols (minibatch: eq. 3 tilted per minibatch; released: "

@@ -76,7 +76,12 @@ def released_weights(a: torch.Tensor, beta: float, clip: float) -> torch.Tensor:
     set, not per minibatch: a minibatch's weights need not sum to its size, and
     the loss of a batch is ``sum_i w_i NLL_i / B``.
     """
-    w = torch.exp(beta * a.to(torch.float64).clamp(-clip, clip))
+    clipped = a.to(torch.float64).clamp(-clip, clip)
+    if beta == 0.0 or bool((clipped == clipped[0]).all()):
+        # Equal weights, exactly: the mean of n equal floats need not be the float itself,
+        # and a student trained with 1 +- 1 ulp is not passive's bit for bit.
+        return torch.ones_like(clipped)
+    w = torch.exp(beta * clipped)
     return w / w.mean()
 
 
