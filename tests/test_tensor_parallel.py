@@ -27,7 +27,7 @@ import random
 import pytest
 from safetensors.torch import load_file
 
-from distillgame.engine import CPU_BIND_ENV, EngineConfig, _numa_nodes, build_llm, cpu_thread_binding
+from distillgame.engine import CPU_BIND_ENV, EngineConfig, build_llm, cpu_thread_binding
 from distillgame.plugins.reference import ReferenceModels
 from engine_helpers import Job, num_preemptions, run_staggered, shutdown, worst_error
 from tiny_models import make_early_exit, make_llama, make_tokenizer
@@ -86,14 +86,16 @@ def test_each_worker_gets_its_own_cores():
 
 
 def test_the_launchers_set_the_binding_unless_the_caller_did(split_pair, monkeypatch, tmp_path):
-    """``distillgame serve --tensor-parallel-size 2`` hands vLLM's server the flag and, on one NUMA node, the binding."""
+    """``distillgame serve --tensor-parallel-size 2`` hands vLLM's server the flag and, on one NUMA node, the binding;
+    with a node per worker it leaves vLLM's own per-node binding alone. Both branches run on any machine: the node
+    count is set here."""
     import argparse
 
+    from distillgame import engine
     from distillgame.server import cli
     from distillgame.server.policy import default_policy
 
-    if _numa_nodes() >= TP:
-        pytest.skip("vLLM's own per-node binding applies on this machine")
+    monkeypatch.setattr(engine, "_numa_nodes", lambda: 1)
     monkeypatch.delenv(CPU_BIND_ENV, raising=False)
     teacher, proxy = split_pair
     parser = argparse.ArgumentParser()
@@ -111,6 +113,13 @@ def test_the_launchers_set_the_binding_unless_the_caller_did(split_pair, monkeyp
     monkeypatch.delenv(CPU_BIND_ENV)
     command = cli.server_command(args, cli.engine_config(args, policy), policy, tmp_path)
     assert "--tensor-parallel-size" not in command.argv and CPU_BIND_ENV not in command.env
+    # A NUMA node per worker: vLLM binds each worker to its node itself, so no binding is set.
+    monkeypatch.setattr(engine, "_numa_nodes", lambda: TP)
+    args = parser.parse_args(["serve", "--teacher", str(teacher), "--proxy", str(proxy), "--tensor-parallel-size",
+                              str(TP)])
+    command = cli.server_command(args, cli.engine_config(args, policy), policy, tmp_path)
+    assert command.argv[command.argv.index("--tensor-parallel-size") + 1] == str(TP)
+    assert CPU_BIND_ENV not in command.env
 
 
 def _jobs(vocab: int) -> list[Job]:
