@@ -173,7 +173,7 @@ def all_finite(values: torch.Tensor) -> torch.Tensor:
     of finite terms that overflows also reads as not finite: that errs on the
     side of failing the step.
     """
-    return torch.isfinite(values.float().sum(dim=-1)).all()
+    return torch.isfinite(values.sum(dim=-1, dtype=torch.promote_types(values.dtype, torch.float32))).all()
 
 
 def kl_and_agreement(released_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,3 +187,96 @@ def kl_and_agreement(released_logits: torch.Tensor, teacher_logprobs: torch.Tens
     kl = terms.sum(dim=-1).clamp_min(0.0)
     agree = released_logits.argmax(dim=-1) == teacher_logprobs.argmax(dim=-1)
     return kl, agree
+
+
+# ------------------------------------------------------------------ the engine's per-step forms
+#
+# The functions above are the definitions (the float64 oracle and the studies
+# call them). The engine runs the same arithmetic on every defended row of
+# every step, where a fresh [rows, vocab] tensor per operation costs more than
+# the operation (page faults on CPUs: about 0.5 ms per 6 MB buffer) and
+# ``argmax`` is ~15x slower than ``amax``. The forms below write into buffers
+# the caller keeps (:class:`Workspace`) and read ``argmax`` off block maxima.
+# tests/test_mixing.py holds them to the definitions.
+
+
+class Workspace:
+    """Float32 ``[rows, vocab]`` buffers reused from step to step, grown (to a power of two) when a step has more rows."""
+
+    def __init__(self, vocab: int, device: torch.device | str, count: int = 4) -> None:
+        self.vocab, self.device, self.count = vocab, torch.device(device), count
+        self.rows = 0
+        self.buffers: list[torch.Tensor] = []
+
+    def get(self, rows: int) -> list[torch.Tensor]:
+        if rows > self.rows:
+            self.rows = 1 << max(0, rows - 1).bit_length()
+            self.buffers = [torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
+                            for _ in range(self.count)]
+        return [b[:rows] for b in self.buffers]
+
+
+def log_softmax_into(logits: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+    """``out = log_softmax(logits, dim=-1)`` through ``scratch`` (both float32, the rows' shape)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    torch.sub(logits, top, out=out)
+    torch.exp(out, out=scratch)
+    out.sub_(scratch.sum(dim=-1, keepdim=True).log_())
+
+
+def poe_mix_into(teacher_logprobs: torch.Tensor, proxy: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor,
+                 scratch: torch.Tensor, proxy_normalized: bool, gamma_max: float) -> None:
+    """``out`` = :func:`poe_mix` of the teacher and ``log_softmax(proxy)``, with the teacher's -inf kept -inf.
+
+    ``proxy`` is float32 and finite (the caller has checked): raw logits, whose
+    log-sum-exp is subtracted as one number per row, or log-probabilities
+    already (``proxy_normalized``), used as they are. ``gamma_max`` is the
+    rows' largest gamma, known on the host: below 1, ``(1-gamma) * -inf`` is
+    -inf by itself; at 1 it is NaN and the teacher's -inf entries are filled in.
+    """
+    if proxy_normalized:
+        torch.mul(proxy, gamma, out=out)
+    else:
+        top = proxy.amax(dim=-1, keepdim=True)
+        torch.sub(proxy, top, out=scratch)
+        scratch.exp_()
+        lse = scratch.sum(dim=-1, keepdim=True).log_().add_(top)
+        torch.addcmul(-(gamma * lse), proxy, gamma, out=out)
+    out.addcmul_(teacher_logprobs, 1.0 - gamma)
+    if gamma_max >= 1.0:
+        out.masked_fill_(torch.isneginf(teacher_logprobs), float("-inf"))
+
+
+def argmax_rows(values: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``values.argmax(dim=-1)`` of a 2-D tensor (the first maximum on ties), from the maxima of column blocks."""
+    rows, cols = values.shape
+    if cols <= block:
+        return values.argmax(dim=-1)
+    full = cols // block * block
+    tops = values[:, :full].unflatten(-1, (-1, block)).amax(dim=-1)
+    if full < cols:
+        tops = torch.cat([tops, values[:, full:].amax(dim=-1, keepdim=True)], dim=-1)
+    which = tops.argmax(dim=-1)
+    # The first block holding the row's maximum, then the first maximum inside it.
+    starts = which * block
+    cols_ = starts[:, None] + torch.arange(block, device=values.device)
+    inside = values.gather(-1, cols_.clamp_max(cols - 1))
+    inside.masked_fill_(cols_ >= cols, float("-inf"))
+    return starts + inside.argmax(dim=-1)
+
+
+def kl_and_agreement_into(released: torch.Tensor, teacher_logprobs: torch.Tensor, scratch: torch.Tensor,
+                          scratch2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kl_and_agreement` through two float32 buffers of the rows' shape.
+
+    With ``q = e / s``, ``e = exp(released - top)``: ``KL = sum(e * (released - teacher)) / s - top - log s``.
+    """
+    top = released.amax(dim=-1, keepdim=True)
+    torch.sub(released, top, out=scratch)
+    scratch.exp_()
+    total = scratch.sum(dim=-1, keepdim=True)
+    torch.sub(released, teacher_logprobs, out=scratch2)
+    # As in kl_and_agreement: a token the release rules out (e = 0) adds nothing; one only the teacher rules out, +inf.
+    scratch2.mul_(scratch).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    kl = (scratch2.sum(dim=-1, keepdim=True) / total - top - total.log()).squeeze(-1).clamp_min(0.0)
+    return kl, argmax_rows(released) == argmax_rows(teacher_logprobs)

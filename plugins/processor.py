@@ -73,9 +73,12 @@ from distillgame.plugins.mixing import (
     ads_tilt,
     ads_tilt_derivative,
     all_finite,
-    kl_and_agreement,
+    kl_and_agreement_into,
+    log_softmax_into,
     parse_defense,
     poe_mix,
+    poe_mix_into,
+    Workspace,
 )
 from distillgame.plugins.proxy_runner import ProxyRunner, plain_linears
 from distillgame.plugins.transfers import Staging, SyncAudit, to_host
@@ -335,6 +338,7 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         # counted yet: counted at the next apply() (or fidelity()), on the device.
         self.uncounted: list[int] = []
         self.staging = Staging(self.device, pin=bool(is_pin_memory) and self.device.type == "cuda")
+        self.workspace = Workspace(self.vocab, self.device)
         self.audit = SyncAudit(self.device) if self.settings.sync_audit else None
         logger.info(
             "defense ready: proxy vocab %d, teacher vocab %d, %d slots, PoE proxy %s, ADS %s",
@@ -537,35 +541,52 @@ class DefenseLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         if self.paged:
             # Taken every step (even without PoE rows): it must never outlive its step.
             paged = self._paged_channel().take(logits.shape[0], index_t[poe_t])
-        teacher = torch.log_softmax(logits[index_t, :vocab].float(), dim=-1)
-        mixed = torch.empty_like(teacher)
-        if poe:
+        # Four float32 [rows, vocab] buffers kept from step to step (see mixing.Workspace).
+        teacher, mixed, scratch, scratch2 = self.workspace.get(len(rows))
+        # The rows' logits in place when they are consecutive (the usual batch), else gathered.
+        consecutive = indices[-1] - indices[0] == len(indices) - 1 and logits.dtype == torch.float32
+        block = logits[indices[0]: indices[-1] + 1, :vocab] if consecutive else logits[index_t, :vocab].float()
+        log_softmax_into(block, teacher, scratch)
+        if len(poe) == len(rows):
+            # Every defended row is PoE (the usual batch): mixed in place, no per-row gathers.
+            gammas = [rows[p].defense.gamma for p in poe]
             if self.paged:
-                proxy = torch.log_softmax(paged[:, :vocab].float(), dim=-1)
+                proxy, normalized = scratch2.copy_(paged[:, :vocab]), False
                 torch._assert_async(all_finite(proxy),
                                     "the defense's proxy returned NaN or inf; refusing to release this step")
             else:
-                proxy = self._answers(outputs, rows, poe, role=0)
-            mixed[poe_t] = poe_mix(teacher[poe_t], proxy, gamma)
-        if ads:
-            first = self._answers(outputs, rows, ads, role=0)
-            if self.ads_method == "jvp":
-                mixed[ads_t] = ads_tilt_derivative(teacher[ads_t], first, lam)
-            else:
-                minus = self._answers(outputs, rows, ads, role=1)
-                mixed[ads_t] = ads_tilt(teacher[ads_t], first, minus, lam, eps)
-
-        # What vLLM masked before us (allowed_token_ids, bad_words, min_tokens'
-        # EOS, grammar bitmasks) stays masked: at gamma = 1 the mix would give
-        # those tokens the proxy's mass.
-        mixed.masked_fill_(torch.isneginf(teacher), float("-inf"))
-        logits[index_t, :vocab] = mixed.to(logits.dtype)
+                proxy, normalized = self._answers(outputs, rows, poe, role=0), True
+            poe_mix_into(teacher, proxy, gamma, mixed, scratch, proxy_normalized=normalized, gamma_max=max(gammas))
+        else:
+            if poe:
+                if self.paged:
+                    proxy = torch.log_softmax(paged[:, :vocab].float(), dim=-1)
+                    torch._assert_async(all_finite(proxy),
+                                        "the defense's proxy returned NaN or inf; refusing to release this step")
+                else:
+                    proxy = self._answers(outputs, rows, poe, role=0)
+                mixed[poe_t] = poe_mix(teacher[poe_t], proxy, gamma)
+            if ads:
+                first = self._answers(outputs, rows, ads, role=0)
+                if self.ads_method == "jvp":
+                    mixed[ads_t] = ads_tilt_derivative(teacher[ads_t], first, lam)
+                else:
+                    minus = self._answers(outputs, rows, ads, role=1)
+                    mixed[ads_t] = ads_tilt(teacher[ads_t], first, minus, lam, eps)
+            # What vLLM masked before us (allowed_token_ids, bad_words, min_tokens'
+            # EOS, grammar bitmasks) stays masked: at gamma = 1 the mix would give
+            # those tokens the proxy's mass (poe_mix_into keeps them masked itself).
+            mixed.masked_fill_(torch.isneginf(teacher), float("-inf"))
+        if consecutive:
+            block.copy_(mixed)
+        else:
+            logits[index_t, :vocab] = mixed.to(logits.dtype)
         if logits.shape[1] > vocab:
             logits[index_t, vocab:] = float("-inf")
 
         # Fidelity stays on the device (no host sync per step) and is counted
         # only once the sample is known to be released (see _Row.sampled_at).
-        kl, agree = kl_and_agreement(mixed, teacher)
+        kl, agree = kl_and_agreement_into(mixed, teacher, scratch, scratch2)
         self.pending_kl[slot_t] = kl.double()
         self.pending_agree[slot_t] = agree.long()
         self.pending_mode[slot_t] = mode_t

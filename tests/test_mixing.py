@@ -10,12 +10,17 @@ import torch
 
 from distillgame.plugins.mixing import (
     all_finite,
+    argmax_rows,
     Defense,
     ads_tilt,
     flat_defense_args,
     kl_and_agreement,
+    kl_and_agreement_into,
+    log_softmax_into,
     parse_defense,
     poe_mix,
+    poe_mix_into,
+    Workspace,
 )
 
 
@@ -136,3 +141,82 @@ def test_bad_flat_defense_is_a_value_error_naming_the_parameter(extra_args, para
 def test_extra_args_without_any_defense_key_are_undefended():
     assert parse_defense({}) == Defense()
     assert parse_defense({"distillgamer": 1, "other_distillgame_mode": "poe"}) == Defense()
+
+
+# ------------------------------------------------------------ the engine's in-place forms
+
+
+def _logits(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * 4
+
+
+def test_log_softmax_into_is_log_softmax_with_masked_entries():
+    x = _logits(5, 3000, 0)
+    x[1, 7] = x[3, :100] = -math.inf
+    out, scratch = torch.empty_like(x), torch.empty_like(x)
+    log_softmax_into(x, out, scratch)
+    want = torch.log_softmax(x.double(), dim=-1)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(want))
+    assert (out - want).abs().nan_to_num(0.0).max() < 2e-6
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_poe_mix_into_is_poe_mix_with_the_teachers_masked_entries_kept(normalized):
+    raw_t, raw_p = _logits(4, 3000, 1), _logits(4, 3000, 2)
+    raw_t[0, 5] = raw_t[2, 9] = raw_t[3, 11] = -math.inf
+    teacher = torch.log_softmax(raw_t, dim=-1)
+    proxy_lp = torch.log_softmax(raw_p, dim=-1)
+    gammas = [0.0, 0.3, 0.65, 1.0]
+    gamma = torch.tensor(gammas)[:, None]
+    want = poe_mix(teacher.double(), proxy_lp.double(), gamma.double())
+    want.masked_fill_(torch.isneginf(teacher), -math.inf)
+    out, scratch = torch.empty_like(teacher), torch.empty_like(teacher)
+    poe_mix_into(teacher, proxy_lp if normalized else raw_p, gamma, out, scratch,
+                 proxy_normalized=normalized, gamma_max=max(gammas))
+    # Equal up to one number per row (the proxy's normalization): what sampling and logprobs see is equal.
+    assert torch.equal(torch.isneginf(out), torch.isneginf(want)) and not torch.isnan(out).any()
+    got = torch.log_softmax(out.double(), dim=-1)
+    assert (got - torch.log_softmax(want, dim=-1)).abs().nan_to_num(0.0).max() < 2e-5
+    # The logits themselves are poe_mix's, not just their softmax (processed_logits mode returns them).
+    assert (out - want).abs().nan_to_num(0.0).max() < 2e-5
+    # Below gamma 1 the teacher's -inf needs no mask; a gamma of 1 without one would leave NaN.
+    poe_mix_into(teacher, raw_p, gamma, out, scratch, proxy_normalized=False, gamma_max=0.99)
+    assert torch.isnan(out[3, 11]) and torch.isneginf(out[:3][torch.isneginf(teacher[:3])]).all()
+
+
+@pytest.mark.parametrize("cols", [700, 1024, 3000, 4096, 49152 + 5])
+def test_argmax_rows_is_argmax_first_maximum_on_ties(cols):
+    x = _logits(6, cols, cols)
+    x[0] = x[0].round()  # many ties, as in bfloat16 logits
+    x[1] = 0.0  # all tied: index 0
+    x[2, -1] = 100.0  # the maximum in the last, partial block
+    x[3, :] = -math.inf
+    x[3, cols // 2] = x[3, cols - 1] = 1.0  # two maxima among masked entries
+    x[4] = x[4].to(torch.bfloat16).float()
+    assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist()
+    assert argmax_rows(x)[1] == 0 and argmax_rows(x)[2] == cols - 1 and argmax_rows(x)[3] == cols // 2
+
+
+def test_kl_and_agreement_into_matches_the_definition():
+    raw_t, raw_p = _logits(4, 3000, 3), _logits(4, 3000, 4)
+    raw_t[0, 5] = raw_t[2, 9] = raw_t[3, 11] = -math.inf
+    teacher = torch.log_softmax(raw_t, dim=-1)
+    released = poe_mix(teacher, torch.log_softmax(raw_p, dim=-1), torch.tensor([[0.0], [0.3], [0.65], [1.0]]))
+    released[:3].masked_fill_(torch.isneginf(teacher[:3]), -math.inf)  # row 3: mass where the teacher has none
+    want_kl, want_agree = kl_and_agreement(released.double(), teacher.double())
+    kl, agree = kl_and_agreement_into(released, teacher, torch.empty_like(teacher), torch.empty_like(teacher))
+    assert kl[3] == math.inf and want_kl[3] == math.inf
+    assert (kl[:3].double() - want_kl[:3]).abs().max() < 1e-4 and kl[1] > 0.1
+    assert kl[0] < 1e-5
+    assert agree.tolist() == want_agree.tolist()
+
+
+def test_workspace_reuses_its_buffers_and_grows_by_powers_of_two():
+    ws = Workspace(vocab=10, device="cpu")
+    first = ws.get(3)
+    assert [tuple(b.shape) for b in first] == [(3, 10)] * 4 and ws.rows == 4
+    assert [b.data_ptr() for b in ws.get(4)] == [b.data_ptr() for b in first]  # no new memory within capacity
+    assert len({b.data_ptr() for b in first}) == 4  # four separate buffers
+    grown = ws.get(5)
+    assert ws.rows == 8 and tuple(grown[0].shape) == (5, 10)
