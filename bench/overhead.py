@@ -386,8 +386,12 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a missing version is not worth failing a report
             pass
     try:
+        here = Path(__file__).parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
+                                            cwd=here).stdout.strip()
+        # Uncommitted changes to tracked files: then the commit alone does not name the code that ran.
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                capture_output=True, text=True, cwd=here).stdout.strip())
     except OSError:
         pass
     return info
