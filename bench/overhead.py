@@ -153,6 +153,8 @@ class RequestSample:
     ttft: float
     tpot: float | None
     tokens: int
+    start: float = 0.0  # when it was sent (perf_counter; measure() makes it seconds since the run began)
+    round: int = 0
 
 
 @dataclass
@@ -169,6 +171,9 @@ class ModeStats:
     tpot_p99: float
     # Tokens/s of each round on its own, in round order (paired across arms: same rounds).
     round_tok_per_s: list[float] = field(default_factory=list)
+    # Every request: [round, sent at (s since the run began), TTFT s, TPOT s or None, tokens].
+    # Where a stall fell (which round, which arm, which request) is read from these.
+    requests_log: list[list[Any]] = field(default_factory=list)
 
 
 def arm_name(mode: str, runner: str) -> str:
@@ -285,7 +290,7 @@ async def _one_request(client: Any, model: str, prompt: str, max_tokens: int, se
     if first is None:
         first = end
     tpot = (end - first) / (tokens - 1) if tokens > 1 else None
-    return RequestSample(ttft=first - t0, tpot=tpot, tokens=tokens)
+    return RequestSample(ttft=first - t0, tpot=tpot, tokens=tokens, start=t0)
 
 
 async def run_batch(clients: dict[str, Any], models: dict[str, str], mode: str, concurrency: int, n_requests: int,
@@ -313,6 +318,8 @@ def aggregate(walls: list[float], samples: list[RequestSample], round_tokens: li
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
         tpot_p50=percentile(tpots, 50), tpot_p99=percentile(tpots, 99),
         round_tok_per_s=[t / w for t, w in zip(round_tokens or [], walls) if w > 0],
+        requests_log=[[s.round, round(s.start, 3), round(s.ttft, 4), None if s.tpot is None else round(s.tpot, 5),
+                       s.tokens] for s in samples],
     )
 
 
@@ -337,6 +344,7 @@ async def measure(endpoints: dict[str, tuple[str, str]], cfg: BenchConfig,
     for m in modes:
         await run_batch(clients, models, m, 2, 2, 4, cfg.seed)
     out: dict[int, dict[str, ModeStats]] = {}
+    origin = time.perf_counter()
     total = len(cfg.concurrencies) * cfg.rounds * len(modes)
     with tqdm(total=total, desc=f"overhead {label}".strip(), disable=None) as bar:
         for c in cfg.concurrencies:
@@ -348,6 +356,8 @@ async def measure(endpoints: dict[str, tuple[str, str]], cfg: BenchConfig,
                 order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate so no mode always goes first
                 for m in order:
                     wall, s = await run_batch(clients, models, m, c, n_req, cfg.max_tokens, cfg.seed + 1000 * r)
+                    for x in s:
+                        x.start, x.round = x.start - origin, r
                     walls[m].append(wall)
                     samples[m].extend(s)
                     round_tokens[m].append(sum(x.tokens for x in s))

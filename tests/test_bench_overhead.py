@@ -47,6 +47,10 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     assert bare["poe"]["limit"] is None and "normalized_overhead" not in bare["poe"]
     md = markdown(report)
     assert "| poe | 1 | 50.0 |" in md and "| 2.00 | 1.25 | 1.60 | - | 4.00 (1.49) |" in md
+    # Each request's line, in the order given: where a stall fell is read from these.
+    logged = aggregate([1.0], [RequestSample(0.5, None, 1, start=2.0, round=1),
+                               RequestSample(0.25, 0.0125, 9, start=2.5, round=1)], [10])
+    assert logged.requests_log == [[1, 2.0, 0.5, None, 1], [1, 2.5, 0.25, 0.0125, 9]]
     # Per round, paired with the baseline's same round: teacher 100 then 50 tok/s, PoE 50 then 40.
     two = {1: {"none": aggregate([1.0, 2.0], [RequestSample(0.1, 0.01, 50)] * 4, [100, 100]),
                "poe": aggregate([2.0, 2.5], [RequestSample(0.1, 0.02, 50)] * 4, [100, 100])}}
@@ -115,6 +119,10 @@ def test_overhead_quick_report(tmp_path):
         assert r["tokens"] > 0 and r["requests"] == max(2, c)
         assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
         assert 0 < r["ttft_p50"] <= r["ttft_p99"]
+        # Every request logged: [round, sent at, TTFT, TPOT, tokens], its tokens summing to the row's.
+        log = r["requests_log"]
+        assert len(log) == r["requests"] and sum(x[4] for x in log) == r["tokens"]
+        assert all(x[0] == 0 and 0 < x[1] < r["wall_s"] * 20 and x[2] > 0 for x in log)
         base = rows[("none", c)]
         assert r["ratio"] == pytest.approx(base["tok_per_s"] / r["tok_per_s"])
         proxy = next(p for p in report["proxy_alone"] if p["concurrency"] == c)
