@@ -125,7 +125,10 @@ class ServerSupervisor:
     def _start(self) -> _Run:
         # Its own process group, so that what it leaves behind (the engine core) can be reaped with it,
         # and a SIGTERM from the kernel if this supervisor dies, so it never serves unsupervised.
-        proc = subprocess.Popen(self.command.argv, env=self.command.env, start_new_session=True,
+        # Not its own session: where Linux groups CPU time by session (sched_autogroup_enabled=1, the
+        # default on desktop and many server kernels), a server in a session of its own held its streamed
+        # tokens back for 2-3 s at a time at concurrency 8 (59-64 of 64 streams; none in our session).
+        proc = subprocess.Popen(self.command.argv, env=self.command.env, process_group=0,
                                 preexec_fn=_terminate_with_parent)
         run = _Run(proc)
         with self._lock:
