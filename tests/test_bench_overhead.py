@@ -51,6 +51,12 @@ def test_report_arithmetic_on_hand_made_samples(tmp_path):
     logged = aggregate([1.0], [RequestSample(0.5, None, 1, start=2.0, round=1),
                                RequestSample(0.25, 0.0125, 9, start=2.5, round=1)], [10])
     assert logged.requests_log == [[1, 2.0, 0.5, None, 1], [1, 2.5, 0.25, 0.0125, 9]]
+    assert logged.held_back == 0
+    # A stream whose text came all at once after the first (64 tokens in 6 ms) was held back; a short one is not counted.
+    burst = aggregate([1.0], [RequestSample(2.2, 0.0001, 64), RequestSample(0.1, 0.0001, 5),
+                              RequestSample(0.1, 0.04, 64)], [133])
+    assert burst.held_back == 1
+    assert "| 0 / 2 |" in md and "held back" in md
     # Per round, paired with the baseline's same round: teacher 100 then 50 tok/s, PoE 50 then 40.
     two = {1: {"none": aggregate([1.0, 2.0], [RequestSample(0.1, 0.01, 50)] * 4, [100, 100]),
                "poe": aggregate([2.0, 2.5], [RequestSample(0.1, 0.02, 50)] * 4, [100, 100])}}
