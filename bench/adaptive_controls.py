@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=None, help="released protocol's beta (default 0.5)")
     p.add_argument("--serve-dtype", default=None, help="teacher dtype for the collection server (e.g. float32)")
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the table's, 20 for the zoo)")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the table's, 60 for the zoo)")
     p.add_argument("--value-dtype", default="float64", help="released protocol: dtype of the perturbed copies")
     p.add_argument("--n-test", type=int, default=None, help="test problems per student (default: the table's, 500)")
     p.add_argument("--n-train", type=int, default=None,
